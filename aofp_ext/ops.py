@@ -1,0 +1,282 @@
+"""The operators of aofp_ext: typed wrappers over ``torch.ops.aofp.*`` and a pure-PyTorch
+reference of each (the test oracle).
+
+Every op prices or edits filter channels:
+
+- :func:`masked_damage` -- the damage that each of K channel masks does at a follower's output
+  (conv or Linear, optional BN and ReLU), in one fused pass over the masks;
+- :func:`channel_gram` and :func:`quadratic_damage` -- the exact damage of masks at a linear
+  follower output (conv, or conv + BN with fixed statistics) as a quadratic form;
+- :func:`compact_` -- in-place channel compaction that keeps the tensor objects.
+
+The ``*_reference`` functions compute the same results the plain way, in float64 by default.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._loader import _C, require_C
+
+__all__ = [
+    "masked_damage",
+    "channel_gram",
+    "quadratic_damage",
+    "compact_",
+    "masked_damage_reference",
+    "channel_gram_reference",
+    "quadratic_damage_reference",
+    "compact_reference_",
+    "reference",
+]
+
+_NORMS = ("none", "affine", "batch")
+_POSTS = ("none", "relu")
+
+IntPair = int | Sequence[int]
+
+
+def _pair(v: IntPair, name: str) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    out = [int(e) for e in v]
+    if len(out) == 1:
+        return out * 2
+    if len(out) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return out
+
+
+_BUILD_INFO: dict | None = None
+
+
+def _check_backend(op: str, *tensors: torch.Tensor | None) -> None:
+    """Give a clear error for CUDA tensors when the extension has no CUDA kernels."""
+    global _BUILD_INFO
+    if _BUILD_INFO is None:
+        _BUILD_INFO = dict(require_C().build_info())
+    info = _BUILD_INFO
+    for t in tensors:
+        if t is not None and t.device.type == "cuda" and not info["cuda"]:
+            raise RuntimeError(
+                f"{op}: got a tensor on {t.device}, but this build of aofp_ext has no CUDA kernels "
+                f"(built against torch {info['torch_version']} without CUDA). Move the inputs to the "
+                "CPU, or rebuild aofp_ext with a CUDA-enabled torch and nvcc."
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# The ops
+# --------------------------------------------------------------------------------------------
+
+
+def masked_damage(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    norm: str = "none",
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    post: str = "none",
+) -> torch.Tensor:
+    """Damage of each of K channel masks at a follower's output, in one fused pass.
+
+    ``damage[k] = sum((f(conv(x * masks[k])) - f(conv(x))) ** 2)`` over every output element,
+    where ``f`` is ``norm`` then ``post``.
+
+    Args:
+        x: follower input, ``(N, C, H, W)`` for a conv follower or ``(N, C)`` for a Linear one.
+        weight: ``(O, C, kh, kw)`` or ``(O, C)``.
+        masks: ``(K, C)`` bool (or 0/1 uint8); True keeps the channel.
+        bias: optional ``(O,)`` follower bias.
+        stride, padding, dilation: conv geometry (conv followers only).
+        norm: ``"none"``; ``"affine"`` (``y * scale + shift``, BN with fixed statistics folded);
+            ``"batch"`` (BatchNorm on the batch statistics of each masked output separately,
+            biased variance, ``eps``, then ``* scale + shift``: ``nn.BatchNorm2d`` in training mode).
+        post: ``"none"`` or ``"relu"``.
+
+    Returns:
+        ``(K,)`` float32 (float64 accumulation inside); memory stays bounded for any K and N.
+    """
+    _check_backend("masked_damage", x, weight, masks, bias, scale, shift)
+    return torch.ops.aofp.masked_damage(
+        x, weight, masks,
+        bias=bias,
+        stride=_pair(stride, "stride"),
+        padding=_pair(padding, "padding"),
+        dilation=_pair(dilation, "dilation"),
+        norm=norm, scale=scale, shift=shift, eps=float(eps), post=post,
+    )
+
+
+def channel_gram(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gram matrix of the per-channel contributions ``z_c = conv(x[:, c], W[:, c])``.
+
+    ``G[c, c'] = sum over (n, o, h, w) of scale[o]**2 * z_c * z_c'``; the damage of any mask at a
+    linear follower output is ``r^T G r`` (r = 1 for removed channels), see
+    :func:`quadratic_damage`. Its diagonal is the exact single-channel oracle. Returns ``(C, C)``
+    float32.
+    """
+    _check_backend("channel_gram", x, weight, scale)
+    return torch.ops.aofp.channel_gram(
+        x, weight,
+        stride=_pair(stride, "stride"),
+        padding=_pair(padding, "padding"),
+        dilation=_pair(dilation, "dilation"),
+        scale=scale,
+    )
+
+
+def quadratic_damage(gram: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``damage[k] = r_k^T G r_k`` with ``r_k = ~masks[k]``; ``(K,)`` float32."""
+    _check_backend("quadratic_damage", gram, masks)
+    return torch.ops.aofp.quadratic_damage(gram, masks)
+
+
+def compact_(tensors: Sequence[torch.Tensor], dims: Sequence[int], keep: torch.Tensor) -> None:
+    """In place, keep only the slices ``keep`` (sorted, unique int64) of each tensor along its dim.
+
+    The tensor objects (and ``nn.Parameter`` objects) stay the same objects; their storage is
+    reused (and shrunk when the tensor is its only user), so no full second copy is made.
+    All tensors must have the same size along their dim. Runs under ``torch.no_grad()``.
+    """
+    tensors = list(tensors)
+    dims = [int(d) for d in dims]
+    _check_backend("compact_", keep, *tensors)
+    with torch.no_grad():
+        torch.ops.aofp.compact_(tensors, dims, keep)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake (meta) kernels, so torch.compile / export can trace the ops
+# --------------------------------------------------------------------------------------------
+
+if _C is not None:
+
+    def _out_dtype(t: torch.Tensor) -> torch.dtype:
+        return torch.float32
+
+    @torch.library.register_fake("aofp::masked_damage")
+    def _masked_damage_fake(x, weight, masks, *, bias=None, stride=(1, 1), padding=(0, 0),
+                            dilation=(1, 1), norm="none", scale=None, shift=None, eps=1e-5,
+                            post="none"):
+        torch._check(masks.dim() == 2, lambda: "masked_damage: masks must be (K, C)")
+        return x.new_empty((masks.shape[0],), dtype=_out_dtype(x))
+
+    @torch.library.register_fake("aofp::channel_gram")
+    def _channel_gram_fake(x, weight, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                           scale=None):
+        return x.new_empty((x.shape[1], x.shape[1]), dtype=_out_dtype(x))
+
+    @torch.library.register_fake("aofp::quadratic_damage")
+    def _quadratic_damage_fake(gram, masks):
+        return gram.new_empty((masks.shape[0],), dtype=_out_dtype(gram))
+
+    @torch.library.register_fake("aofp::compact_")
+    def _compact_fake(tensors, dims, keep):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-PyTorch references (the test oracle)
+# --------------------------------------------------------------------------------------------
+
+
+def _follower(x, weight, bias, stride, padding, dilation):
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
+                    _pair(dilation, "dilation"))
+
+
+def _apply_norm(y, norm, scale, shift, eps):
+    if norm == "none":
+        return y
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    s, t = scale.to(y.dtype).view(shape), shift.to(y.dtype).view(shape)
+    if norm == "affine":
+        return y * s + t
+    if norm == "batch":
+        red = [0] + list(range(2, y.dim()))
+        mean = y.mean(dim=red, keepdim=True)
+        var = ((y - mean) ** 2).mean(dim=red, keepdim=True)  # biased, as BN in training mode
+        return (y - mean) / torch.sqrt(var + eps) * s + t
+    raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+
+
+def masked_damage_reference(x, weight, masks, *, bias=None, stride=1, padding=0, dilation=1,
+                            norm="none", scale=None, shift=None, eps=1e-5, post="none",
+                            dtype=torch.float64):
+    """The authors' way: one masked follower forward per mask, in ``dtype``."""
+    if post not in _POSTS:
+        raise ValueError(f"post must be one of {_POSTS}, got {post!r}")
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    keep = masks.to(torch.bool)
+
+    def f(inp):
+        y = _apply_norm(_follower(inp, weight, bias, stride, padding, dilation), norm, scale,
+                        shift, eps)
+        return torch.relu(y) if post == "relu" else y
+
+    base = f(x)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    out = torch.empty(keep.shape[0], dtype=dtype)
+    for k in range(keep.shape[0]):
+        out[k] = ((f(x * keep[k].to(dtype).view(shape)) - base) ** 2).sum()
+    return out
+
+
+def channel_gram_reference(x, weight, *, stride=1, padding=0, dilation=1, scale=None,
+                           dtype=torch.float64):
+    """``Z`` by one grouped convolution (every (c, o) pair), then ``Z Z^T``, in ``dtype``."""
+    x, weight = x.to(dtype), weight.to(dtype)
+    if weight.dim() == 2:
+        x, weight = x[:, :, None, None], weight[:, :, None, None]
+    O, C = weight.shape[:2]
+    w = weight.transpose(0, 1).reshape(C * O, 1, *weight.shape[2:])  # channel c*O + o
+    z = F.conv2d(x, w, None, _pair(stride, "stride"), _pair(padding, "padding"),
+                 _pair(dilation, "dilation"), groups=C)               # (N, C*O, Ho, Wo)
+    z = z.view(z.shape[0], C, O, -1)
+    if scale is not None:
+        z = z * scale.to(dtype).view(1, 1, O, 1)
+    z = z.transpose(0, 1).reshape(C, -1)
+    return z @ z.T
+
+
+def quadratic_damage_reference(gram, masks, dtype=torch.float64):
+    r = (~masks.to(torch.bool)).to(dtype)
+    return ((r @ gram.to(dtype)) * r).sum(dim=1)
+
+
+def compact_reference_(tensors, dims, keep) -> None:
+    """Same contract as :func:`compact_`, by ``index_select`` and ``set_`` (makes copies)."""
+    with torch.no_grad():
+        for t, d in zip(tensors, dims):
+            t.set_(t.index_select(d, keep.to(t.device)).contiguous())
+
+
+reference = SimpleNamespace(
+    masked_damage=masked_damage_reference,
+    channel_gram=channel_gram_reference,
+    quadratic_damage=quadratic_damage_reference,
+    compact_=compact_reference_,
+)

@@ -1,0 +1,90 @@
+// Torch-free kernel interface of aofp_ext: plain parameter structs over raw pointers.
+// Nothing in csrc/kernels includes torch; the ATen glue in csrc/ops fills these structs.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace aofp {
+
+enum class Norm : int32_t { None = 0, Affine = 1, Batch = 2 };
+enum class Post : int32_t { None = 0, Relu = 1 };
+
+// Geometry of a follower. A Linear follower is a 1x1 convolution over a 1x1 input.
+struct ConvGeom {
+  int64_t N = 0, C = 0, H = 1, W = 1;       // input x (N, C, H, W)
+  int64_t O = 0, KH = 1, KW = 1;            // weight (O, C, KH, KW)
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_h = 0, pad_w = 0;
+  int64_t dil_h = 1, dil_w = 1;
+  int64_t HO = 1, WO = 1;                   // output spatial size
+  int64_t xs[4] = {0, 0, 0, 0};             // element strides of x along N, C, H, W (any layout)
+
+  int64_t positions() const { return N * HO * WO; }   // P: output positions per output channel
+  int64_t taps() const { return KH * KW; }
+};
+
+// damage[k] = sum over (n, o, ho, wo) of (f(conv(x * masks[k])) - f(conv(x)))^2,
+// f = norm then post. masks: (K, C) contiguous bytes, nonzero = keep the channel.
+struct MaskedDamageParams {
+  ConvGeom g;
+  const float* x = nullptr;        // strided by g.xs
+  const float* weight = nullptr;   // contiguous (O, C, KH, KW)
+  const float* bias = nullptr;     // (O) or nullptr
+  const uint8_t* masks = nullptr;  // contiguous (K, C)
+  int64_t K = 0;
+  Norm norm = Norm::None;
+  Post post = Post::None;
+  const float* scale = nullptr;    // (O); required unless norm == None
+  const float* shift = nullptr;    // (O); required unless norm == None
+  double eps = 1e-5;
+  float* damage = nullptr;         // out (K)
+};
+
+// gram[c, c'] = sum over (n, o, ho, wo) of scale[o]^2 * z_c * z_c', z_c = conv(x[:, c], W[:, c]).
+struct ChannelGramParams {
+  ConvGeom g;
+  const float* x = nullptr;
+  const float* weight = nullptr;   // contiguous (O, C, KH, KW)
+  const float* scale = nullptr;    // (O) or nullptr (= ones)
+  float* gram = nullptr;           // out (C, C), contiguous
+};
+
+// damage[k] = r_k^T G r_k with r_k = 1 - masks[k] (1 = channel removed).
+struct QuadraticDamageParams {
+  const float* gram = nullptr;     // contiguous (C, C)
+  int64_t C = 0;
+  const uint8_t* masks = nullptr;  // contiguous (K, C), nonzero = keep
+  int64_t K = 0;
+  float* damage = nullptr;         // out (K)
+};
+
+// In place: a buffer seen as (outer, size, inner) elements keeps the slices keep[0..n_keep) of
+// its middle dimension and becomes (outer, n_keep, inner), packed from the start of the buffer.
+// keep must be strictly increasing and < size (the glue checks).
+struct CompactParams {
+  void* data = nullptr;
+  int64_t outer = 1, size = 0, inner = 1;
+  int64_t elem_size = 4;           // bytes per element
+  const int64_t* keep = nullptr;
+  int64_t n_keep = 0;
+};
+
+// The glue supplies its thread pool: body(begin, end) is called on disjoint sub-ranges of
+// [begin, end) that together cover it; calls may run concurrently.
+using ParallelFor =
+    std::function<void(int64_t begin, int64_t end, int64_t grain,
+                       const std::function<void(int64_t, int64_t)>& body)>;
+
+// A serial ParallelFor (for callers without a thread pool).
+void serial_for(int64_t begin, int64_t end, int64_t grain,
+                const std::function<void(int64_t, int64_t)>& body);
+
+namespace cpu {
+void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor);
+void channel_gram(const ChannelGramParams& p, const ParallelFor& pfor);
+void quadratic_damage(const QuadraticDamageParams& p, const ParallelFor& pfor);
+void compact(const CompactParams& p);
+}  // namespace cpu
+
+}  // namespace aofp

@@ -1,0 +1,200 @@
+// Shared ATen glue: argument checks with clear messages, and the preparation of the kernel
+// parameter structs. Used by the CPU glue (csrc/ops/*.cpp) and the CUDA glue (csrc/ops/cuda/*).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+
+namespace aofp {
+namespace glue {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+// at::parallel_for as the kernels' ParallelFor.
+inline ParallelFor aten_parallel_for() {
+  return [](int64_t begin, int64_t end, int64_t grain,
+            const std::function<void(int64_t, int64_t)>& body) {
+    at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { body(b, e); });
+  };
+}
+
+inline void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name,
+                              const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ",
+              ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+inline void check_floating(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
+              t.scalar_type());
+}
+
+// masks: (K, C) bool, or uint8 holding only 0 and 1. Returns contiguous uint8 (1 = keep).
+inline at::Tensor prepare_masks(const char* op, const at::Tensor& masks, int64_t C,
+                                const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(masks.dim() == 2, op, ": masks must be 2-D (K, C) with C = ", C,
+              ", got shape ", shape_str(masks));
+  TORCH_CHECK(masks.size(1) == C, op, ": masks must be (K, C) with C = ", C,
+              " (the channels of ", ref_name, "), got shape ", shape_str(masks));
+  TORCH_CHECK(masks.scalar_type() == at::kBool || masks.scalar_type() == at::kByte, op,
+              ": masks must be bool (True = keep) or uint8 holding 0/1, got ",
+              masks.scalar_type());
+  check_same_device(op, ref, ref_name, masks, "masks");
+  if (masks.scalar_type() == at::kByte && masks.numel() > 0) {
+    TORCH_CHECK(masks.max().item<uint8_t>() <= 1, op,
+                ": uint8 masks must hold only 0 and 1 (found a value > 1); use a bool tensor");
+  }
+  return masks.contiguous().view(at::kByte);
+}
+
+inline at::Tensor prepare_vector(const char* op, const c10::optional<at::Tensor>& t,
+                                 const char* name, int64_t O, const at::Tensor& ref) {
+  const at::Tensor& v = *t;
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == O, op, ": ", name, " must be 1-D of size O = ", O,
+              " (the follower's output channels), got shape ", shape_str(v));
+  check_floating(op, v, name);
+  check_same_device(op, ref, "x", v, name);
+  return v.to(at::kFloat).contiguous();
+}
+
+// The follower geometry from x, weight and conv arguments; checks every shape.
+inline ConvGeom make_geometry(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 2, op,
+              ": x must be (N, C, H, W) for a conv follower or (N, C) for a Linear follower, "
+              "got shape ", shape_str(x));
+  if (x.dim() == 4) {
+    TORCH_CHECK(weight.dim() == 4, op,
+                ": weight must be (O, C, kh, kw) when x is (N, C, H, W), got shape ",
+                shape_str(weight));
+  } else {
+    TORCH_CHECK(weight.dim() == 2, op, ": weight must be (O, C) when x is (N, C), got shape ",
+                shape_str(weight));
+  }
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight must be (O, C, ...) with C = ",
+              x.size(1), " (the channels of x); got weight shape ", shape_str(weight),
+              " and x shape ", shape_str(x),
+              " (grouped/depthwise followers are not supported)");
+  check_floating(op, x, "x");
+  check_floating(op, weight, "weight");
+  check_same_device(op, x, "x", weight, "weight");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must each have 2 values");
+
+  ConvGeom g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.O = weight.size(0);
+  if (x.dim() == 4) {
+    TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
+    TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ",
+                dilation);
+    TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ",
+                padding);
+    g.H = x.size(2);
+    g.W = x.size(3);
+    g.KH = weight.size(2);
+    g.KW = weight.size(3);
+    g.stride_h = stride[0];
+    g.stride_w = stride[1];
+    g.pad_h = padding[0];
+    g.pad_w = padding[1];
+    g.dil_h = dilation[0];
+    g.dil_w = dilation[1];
+    const int64_t eh = g.H + 2 * g.pad_h - g.dil_h * (g.KH - 1) - 1;
+    const int64_t ew = g.W + 2 * g.pad_w - g.dil_w * (g.KW - 1) - 1;
+    TORCH_CHECK(g.KH >= 1 && g.KW >= 1 && eh >= 0 && ew >= 0, op,
+                ": the kernel (", g.KH, "x", g.KW, ", dilation ", dilation,
+                ") does not fit the padded input (", g.H, "x", g.W, ", padding ", padding,
+                "): the follower output would be empty");
+    g.HO = eh / g.stride_h + 1;
+    g.WO = ew / g.stride_w + 1;
+    for (int i = 0; i < 4; ++i) g.xs[i] = x.stride(i);
+  } else {
+    TORCH_CHECK(stride[0] == 1 && stride[1] == 1 && padding[0] == 0 && padding[1] == 0 &&
+                    dilation[0] == 1 && dilation[1] == 1,
+                op, ": stride, padding and dilation apply to conv followers only; "
+                "leave them at 1, 0, 1 for a Linear follower (x of shape (N, C))");
+    g.xs[0] = x.stride(0);
+    g.xs[1] = x.stride(1);
+  }
+  return g;
+}
+
+inline Norm parse_norm(const char* op, c10::string_view norm) {
+  if (norm == "none") return Norm::None;
+  if (norm == "affine") return Norm::Affine;
+  if (norm == "batch") return Norm::Batch;
+  TORCH_CHECK(false, op, ": norm must be \"none\", \"affine\" or \"batch\", got \"",
+              std::string(norm), "\"");
+  return Norm::None;
+}
+
+inline Post parse_post(const char* op, c10::string_view post) {
+  if (post == "none") return Post::None;
+  if (post == "relu") return Post::Relu;
+  TORCH_CHECK(false, op, ": post must be \"none\" or \"relu\", got \"", std::string(post), "\"");
+  return Post::None;
+}
+
+// Everything masked_damage's kernels need, checked and converted (float32; x keeps its strides).
+struct MaskedDamageInputs {
+  at::Tensor x, weight, bias, masks, scale, shift;
+  MaskedDamageParams p;  // pointers are filled by fill_pointers()
+  void fill_pointers() {
+    p.x = x.data_ptr<float>();
+    p.weight = weight.data_ptr<float>();
+    p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    p.masks = masks.data_ptr<uint8_t>();
+    p.scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
+    p.shift = shift.defined() ? shift.data_ptr<float>() : nullptr;
+  }
+};
+
+inline MaskedDamageInputs prepare_masked_damage(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& masks,
+    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, c10::string_view norm, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, double eps, c10::string_view post) {
+  const char* op = "masked_damage";
+  MaskedDamageInputs in;
+  in.p.g = make_geometry(op, x, weight, stride, padding, dilation);
+  const int64_t O = in.p.g.O;
+  in.p.norm = parse_norm(op, norm);
+  in.p.post = parse_post(op, post);
+  in.masks = prepare_masks(op, masks, in.p.g.C, x, "x");
+  in.p.K = masks.size(0);
+  if (bias.has_value() && bias->defined()) in.bias = prepare_vector(op, bias, "bias", O, x);
+  const bool has_scale = scale.has_value() && scale->defined();
+  const bool has_shift = shift.has_value() && shift->defined();
+  if (in.p.norm == Norm::None) {
+    TORCH_CHECK(!has_scale && !has_shift, op,
+                ": scale/shift were given but norm=\"none\"; pass norm=\"affine\" or \"batch\"");
+  } else {
+    TORCH_CHECK(has_scale && has_shift, op, ": norm=\"",
+                (in.p.norm == Norm::Affine ? "affine" : "batch"),
+                "\" needs scale and shift, each of shape (O,) = (", O, ",)");
+    in.scale = prepare_vector(op, scale, "scale", O, x);
+    in.shift = prepare_vector(op, shift, "shift", O, x);
+  }
+  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  in.p.eps = eps;
+  in.x = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  for (int i = 0; i < x.dim(); ++i) in.p.g.xs[i] = in.x.stride(i);
+  in.weight = weight.to(at::kFloat).contiguous();
+  return in;
+}
+
+}  // namespace glue
+}  // namespace aofp
