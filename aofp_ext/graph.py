@@ -1,0 +1,830 @@
+"""Channel groups of a CNN, found with torch.fx, and the masked preview of a pruning plan.
+
+A *channel group* is a set of channels that must be kept or removed together: the output channels
+of a conv/Linear, the BN entries and depthwise filters that ride along with them, every other
+producer coupled to them through a residual ``add`` or an element-wise product, and the input
+channels of every layer that consumes them (``cat`` places a group at an offset; ``flatten``
+gives each channel a block of ``H * W`` neurons of the following Linear).
+
+How it works: the model is traced with ``torch.fx`` (``torch.nn`` modules are leaves), shapes are
+propagated with fake tensors (no compute, the model is not touched), and every tensor's dim 1 gets
+a *layout*: a list of segments ``(source, first channel, channels, block)``. Convs and Linears
+create sources; channel-wise ops pass layouts through; ``cat`` concatenates them; ``add``/``mul``
+unify them in a union-find with offsets. Anything the analysis cannot follow (an unknown op, a
+channel slice, channel padding, a grouped conv, the model output) marks the groups it touches
+not prunable, with a reason that names the op -- never a silently wrong cut.
+"""
+
+from __future__ import annotations
+
+import operator
+import traceback
+import weakref
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+__all__ = ["ChannelSlot", "ChannelGroup", "ChannelGraphError", "channel_groups", "masked_forward"]
+
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+Plan = Mapping[str, Any]
+
+
+class ChannelGraphError(RuntimeError):
+    """The model could not be traced, or a plan does not fit its channel groups."""
+
+
+@dataclass(frozen=True)
+class ChannelSlot:
+    """Where a run of a group's channels sits in one module tensor dim.
+
+    Group channels ``group_start .. group_start + length - 1`` occupy positions
+    ``start + (c - group_start) * block + b`` (``b < block``) along the module's dim.
+
+    Attributes:
+        module: qualified name of the module (``model.get_submodule(module)``).
+        role: ``"out"`` (conv/Linear output dim), ``"norm"`` (BatchNorm/InstanceNorm entries),
+            ``"depthwise"`` (a depthwise conv's filters), ``"prelu"`` or ``"in"`` (conv/Linear input
+            dim).
+        start: first position along the module's dim.
+        group_start: first group channel of the run.
+        length: number of group channels in the run.
+        block: positions per channel (``H * W`` for a Linear after ``flatten``, else 1).
+    """
+
+    module: str
+    role: str
+    start: int
+    group_start: int
+    length: int
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that are kept or removed together (see the module docstring).
+
+    Attributes:
+        name: stable name, the first producing module in graph order (``"layer1.0.conv1"``);
+            groups without a producing module are named ``"@<fx node>"``.
+        size: number of channels.
+        producers: slots of the ``out``, ``norm``, ``depthwise`` and ``prelu`` roles.
+        consumers: slots of the ``in`` role.
+        mask_point: fx node name after which zeroing the group's channels equals removing them
+            (after the producer's BN and activation), or None when no single such point exists
+            (e.g. a residual stream with several producers): then the group is masked at every
+            consumer's input.
+        mask_module: qualified name of the module whose output is ``mask_point``, when it is one.
+        prunable: whether ``prune_channels_`` may cut this group.
+        reason: why not, naming the op, when not prunable.
+    """
+
+    name: str
+    size: int
+    producers: tuple[ChannelSlot, ...]
+    consumers: tuple[ChannelSlot, ...]
+    mask_point: str | None
+    mask_module: str | None
+    prunable: bool
+    reason: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Op tables
+# --------------------------------------------------------------------------------------------
+
+# Channel-wise, parameter-free modules. The first set maps 0 to 0.
+_ZERO_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
+    nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+_NONZERO_MODULES: tuple[type, ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.ConstantPad2d)
+_ACT_MODULES: tuple[type, ...] = (  # may sit in a producer's chain (before its mask point)
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus,
+)
+
+_ZERO_FUNCTIONS = {
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
+    F.gelu, F.silu, F.mish, F.hardswish, torch.tanh, F.tanh, F.hardtanh, F.softsign,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.interpolate,
+    torch.abs, torch.neg, operator.neg,
+}
+_NONZERO_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp, torch.clamp}
+_ACT_FUNCTIONS = {
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
+    F.gelu, F.silu, F.mish, F.hardswish, torch.tanh, F.tanh, F.hardtanh, F.softsign,
+    torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus,
+}
+_ZERO_METHODS = {
+    "relu", "relu_", "tanh", "tanh_", "abs", "neg", "contiguous", "clone", "detach", "float",
+    "double", "half", "bfloat16", "to", "type_as",
+}
+_NONZERO_METHODS = {"sigmoid", "sigmoid_", "exp", "clamp", "clamp_", "clamp_min", "clamp_max"}
+_ACT_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
+
+_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_SHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_BINARY_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+}
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_META_METHODS = {"size", "dim", "numel", "get_device"}  # read shapes only
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing
+# --------------------------------------------------------------------------------------------
+
+
+class _Tracer(fx.Tracer):
+    """``torch.nn`` modules (and ``leaf_modules``) are leaves; remembers where tracing failed."""
+
+    def __init__(self, leaf_modules: tuple[type, ...]):
+        super().__init__()
+        self.leaf_types = leaf_modules
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = f"{self.path_of_module(m) or '<root>'} ({type(m).__name__})"
+            raise
+
+
+def _user_frame(exc: BaseException) -> str:
+    """``file:line: code`` of the innermost traceback frame outside torch."""
+    torch_dir = str(Path(torch.__file__).parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(torch_dir) and not f.filename.endswith("graph.py")]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: `{(f.line or '').strip()}`"
+
+
+def _trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> fx.GraphModule:
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        where = tracer.failed_in or f"{type(model).__name__}.forward"
+        raise ChannelGraphError(
+            f"torch.fx cannot trace {type(model).__name__}: it fails in {where} at "
+            f"{_user_frame(exc)} ({type(exc).__name__}: {exc}). Make that module a leaf, "
+            "e.g. channel_groups(model, inputs, leaf_modules=(ThatModule,)) -- the channels it "
+            "touches then count as not prunable -- or make its forward traceable (no Python "
+            "control flow on tensor values)."
+        ) from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Fills ``node.meta['tensor_meta']`` with fake tensors: no compute, the model is untouched."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*fake)
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Union-find of channel sources, with offsets
+# --------------------------------------------------------------------------------------------
+
+
+class _Seg(NamedTuple):
+    """Channels ``start .. start + length - 1`` of source ``src``, ``block`` positions each."""
+
+    src: int
+    start: int
+    length: int
+    block: int = 1
+
+
+Layout = tuple[_Seg, ...]
+
+
+def _width(layout: Layout) -> int:
+    return sum(s.length * s.block for s in layout)
+
+
+class _Sources:
+    """Channel sources in a union-find whose roots are channel spaces: a member source ``s`` is
+    channels ``off(s) .. off(s) + size(s) - 1`` of its root."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.offset: list[int] = []
+        self.size: list[int] = []
+        self.node: list[fx.Node] = []
+        self.reasons: dict[int, list[str]] = {}
+
+    def add(self, size: int, node: fx.Node, reason: str | None = None) -> int:
+        s = len(self.parent)
+        self.parent.append(s)
+        self.offset.append(0)
+        self.size.append(size)
+        self.node.append(node)
+        if reason:
+            self.reasons[s] = [reason]
+        return s
+
+    def find(self, s: int) -> tuple[int, int]:
+        if self.parent[s] == s:
+            return s, 0
+        root, off = self.find(self.parent[s])
+        self.parent[s], self.offset[s] = root, self.offset[s] + off
+        return root, self.offset[s]
+
+    def poison(self, s: int, reason: str) -> None:
+        root, _ = self.find(s)
+        bucket = self.reasons.setdefault(root, [])
+        if reason not in bucket:
+            bucket.append(reason)
+
+    def _attach(self, child: int, root: int, off: int) -> None:
+        self.parent[child], self.offset[child] = root, off
+        moved = self.reasons.pop(child, [])
+        bucket = self.reasons.setdefault(root, [])
+        bucket.extend(r for r in moved if r not in bucket)
+        if not bucket:
+            del self.reasons[root]
+
+    def union(self, a: int, ca: int, b: int, cb: int, where: fx.Node) -> None:
+        """Channel ``ca`` of source ``a`` is channel ``cb`` of source ``b`` (and so on, run-wise)."""
+        ra, oa = self.find(a)
+        rb, ob = self.find(b)
+        pa, pb = oa + ca, ob + cb  # the same channel, in root coordinates
+        if ra == rb:
+            if pa != pb:
+                self.poison(ra, f"channels coupled at two different offsets by '{where.name}'")
+            return
+        d = pa - pb  # where rb's channel 0 lands in ra
+        if 0 <= d and d + self.size[rb] <= self.size[ra]:
+            self._attach(rb, ra, d)
+        elif d <= 0 and self.size[ra] - d <= self.size[rb]:
+            self._attach(ra, rb, -d)
+        else:  # partial overlap: a new root spans both
+            lo, hi = min(0, d), max(self.size[ra], d + self.size[rb])
+            r = self.add(hi - lo, where)
+            self._attach(ra, r, -lo)
+            self._attach(rb, r, d - lo)
+
+
+# --------------------------------------------------------------------------------------------
+# The analysis
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Axis:
+    """One module dim that a pruning plan cuts: its layout along that dim."""
+
+    module: str
+    role: str
+    layout: Layout
+    node: fx.Node
+    input: fx.Node | None
+
+
+@dataclass
+class _Analysis:
+    gm: fx.GraphModule
+    src: _Sources = field(default_factory=_Sources)
+    layout: dict[fx.Node, Layout] = field(default_factory=dict)
+    axes: list[_Axis] = field(default_factory=list)
+    chain: set[fx.Node] = field(default_factory=set)       # may precede a mask point
+    zero: set[fx.Node] = field(default_factory=set)        # maps zeroed channels to zeros
+    consumers: set[fx.Node] = field(default_factory=set)   # conv/Linear reading their input dim
+    calls: dict[str, tuple[Layout, Layout]] = field(default_factory=dict)
+    groups: list[ChannelGroup] = field(default_factory=list)
+    roots: dict[str, int] = field(default_factory=dict)    # group name -> root source
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    def describe(self, node: fx.Node) -> str:
+        """``module 'layer1.0.conv1' (Conv2d)`` or ``'pad' (fx node 'pad_1' in layer3.0.shortcut)``."""
+        if node.op == "call_module":
+            return f"module '{node.target}' ({type(self.module(node)).__name__})"
+        scope = list(node.meta.get("nn_module_stack") or {})
+        where = f" in {scope[-1]}" if scope else ""
+        if node.op == "call_method":
+            return f"'.{node.target}()' (fx node '{node.name}'{where})"
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", str(node.target))
+            return f"'{name}' (fx node '{node.name}'{where})"
+        return f"{node.op} '{node.target}'"
+
+    def new(self, node: fx.Node, size: int, reason: str | None = None) -> Layout:
+        return (_Seg(self.src.add(size, node, reason), 0, size),)
+
+    def of(self, node: Any) -> Layout | None:
+        """The layout of an argument; an unfollowed tensor gets an opaque, unprunable one."""
+        if not isinstance(node, fx.Node):
+            return None
+        if node in self.layout:
+            return self.layout[node]
+        shape = _shape(node)
+        if shape is None or len(shape) < 2:
+            return None
+        self.layout[node] = self.new(
+            node, shape[1], f"{self.describe(node)} makes channels that are not followed")
+        return self.layout[node]
+
+    def poison(self, layout: Layout | None, reason: str) -> None:
+        for seg in layout or ():
+            self.src.poison(seg.src, reason)
+
+    def unify(self, a: Layout, b: Layout, where: fx.Node) -> None:
+        """Couple two layouts of the same width, position by position."""
+        if _width(a) != _width(b):
+            reason = f"'{where.name}' couples tensors of different widths"
+            self.poison(a, reason)
+            self.poison(b, reason)
+            return
+        ia = ib = pa = pb = pos = 0  # segment indices, their start positions, current position
+        while ia < len(a) and ib < len(b):
+            sa, sb = a[ia], b[ib]
+            ea, eb = pa + sa.length * sa.block, pb + sb.length * sb.block
+            if sa.block != sb.block or (pos - pa) % sa.block or (pos - pb) % sb.block:
+                reason = f"'{where.name}' couples flattened channels with different block sizes"
+                self.src.poison(sa.src, reason)
+                self.src.poison(sb.src, reason)
+            else:
+                self.src.union(sa.src, sa.start + (pos - pa) // sa.block,
+                               sb.src, sb.start + (pos - pb) // sb.block, where)
+            pos = min(ea, eb)
+            if pos == ea:
+                ia, pa = ia + 1, ea
+            if pos == eb:
+                ib, pb = ib + 1, eb
+
+    def unknown(self, node: fx.Node, why: str = "is an op that aofp_ext does not follow") -> None:
+        """Everything an op we cannot follow touches becomes not prunable."""
+        reason = f"{self.describe(node)} {why}"
+        for arg in node.all_input_nodes:
+            self.poison(self.of(arg), reason)
+        shape = _shape(node)
+        if shape is not None and len(shape) >= 2:
+            self.layout[node] = self.new(node, shape[1], reason)
+
+    # -- the walk ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                shape = _shape(node)
+                if shape is not None and len(shape) >= 2:
+                    self.layout[node] = self.new(node, shape[1], f"model input '{node.name}'")
+            elif node.op == "get_attr":
+                shape = _shape(node)
+                if shape is not None and len(shape) >= 2:
+                    self.layout[node] = self.new(
+                        node, shape[1], f"tensor attribute '{node.target}' (get_attr)")
+            elif node.op == "output":
+                for arg in node.all_input_nodes:
+                    self.poison(self.of(arg), "reaches the model output")
+            elif node.op == "call_module":
+                self.visit_module(node)
+            elif node.op == "call_function":
+                self.visit_function(node)
+            elif node.op == "call_method":
+                self.visit_method(node)
+
+    def passthrough(self, node: fx.Node, zero: bool, act: bool = False) -> None:
+        layout = self.of(node.args[0]) if node.args else None
+        if layout is None:
+            return self.unknown(node)
+        self.layout[node] = layout
+        if zero:
+            self.zero.add(node)
+        if act:
+            self.chain.add(node)
+
+    def visit_module(self, node: fx.Node) -> None:
+        m = self.module(node)
+        name = str(node.target)
+        x = node.args[0] if node.args else None
+        lay = self.of(x)
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            if lay is None:
+                return self.unknown(node)
+            if m.groups == 1:
+                self.record_call(node, name, lay, m.out_channels, "in", consumer=True)
+            elif m.groups == m.in_channels == m.out_channels:
+                self.record_call(node, name, lay, None, "depthwise")
+            else:
+                self.unknown(node, f"is a grouped conv (groups={m.groups}); only groups=1 "
+                                   "and depthwise convs are followed")
+        elif isinstance(m, nn.Linear):
+            shape = _shape(x)
+            if lay is None or shape is None or len(shape) != 2:
+                return self.unknown(node, "is a Linear on a tensor that is not (N, features)")
+            self.record_call(node, name, lay, m.out_features, "in", consumer=True)
+        elif isinstance(m, nn.modules.batchnorm._NormBase) or (
+                isinstance(m, nn.PReLU) and m.num_parameters > 1):
+            if lay is None:
+                return self.unknown(node)
+            self.record_call(node, name, lay, None, "prelu" if isinstance(m, nn.PReLU) else "norm")
+        elif isinstance(m, nn.Flatten):
+            self.reshape(node)
+        elif isinstance(m, nn.PReLU) or isinstance(m, _NONZERO_MODULES):
+            self.passthrough(node, zero=False, act=isinstance(m, _ACT_MODULES + (nn.PReLU,)))
+        elif isinstance(m, _ZERO_MODULES):
+            self.passthrough(node, zero=True, act=isinstance(m, _ACT_MODULES))
+        else:
+            self.unknown(node, "is a module type that aofp_ext does not follow")
+
+    def record_call(self, node: fx.Node, name: str, lay: Layout, out_size: int | None,
+                    role: str, *, consumer: bool = False) -> None:
+        """A module with parameters: ``out_size`` channels out (None: channel-wise, passes ``lay``
+        through), ``role`` for its input dim. A module called again is coupled to its first call."""
+        if name in self.calls:
+            first_in, first_out = self.calls[name]
+            self.unify(first_in, lay, node)
+            self.layout[node] = lay if out_size is None else first_out
+        else:
+            out = lay if out_size is None else self.new(node, out_size)
+            self.layout[node] = out
+            self.calls[name] = (lay, out)
+            self.axes.append(_Axis(name, role, lay, node, node.args[0]))
+            if out_size is not None:
+                self.axes.append(_Axis(name, "out", out, node, None))
+        if consumer:
+            self.consumers.add(node)
+        else:
+            self.chain.add(node)
+
+    def visit_function(self, node: fx.Node) -> None:
+        t = node.target
+        if t in _ZERO_FUNCTIONS:
+            self.passthrough(node, zero=True, act=t in _ACT_FUNCTIONS)
+        elif t in _NONZERO_FUNCTIONS:
+            self.passthrough(node, zero=False, act=t in _ACT_FUNCTIONS)
+        elif t in _BINARY_FUNCTIONS:
+            self.binary(node)
+        elif t in _CAT_FUNCTIONS:
+            self.cat(node)
+        elif t in _SHAPE_FUNCTIONS:
+            self.reshape(node)
+        elif t in _REDUCE_FUNCTIONS:
+            self.reduce(node)
+        elif t is operator.getitem:
+            self.getitem(node)
+        elif t is F.pad:
+            self.pad(node)
+        elif t is getattr and node.args[1] in ("shape", "device", "dtype", "ndim"):
+            pass
+        else:
+            self.unknown(node)
+
+    def visit_method(self, node: fx.Node) -> None:
+        t = node.target
+        if t in _META_METHODS:
+            pass
+        elif t in _ZERO_METHODS:
+            self.passthrough(node, zero=True, act=t in _ACT_METHODS)
+        elif t in _NONZERO_METHODS:
+            self.passthrough(node, zero=False, act=t in _ACT_METHODS)
+        elif t in _BINARY_METHODS:
+            self.binary(node)
+        elif t in _SHAPE_METHODS:
+            self.reshape(node)
+        elif t in _REDUCE_METHODS:
+            self.reduce(node)
+        else:
+            self.unknown(node)
+
+    # -- the op families ---------------------------------------------------------------------
+
+    def binary(self, node: fx.Node) -> None:
+        """Element-wise with broadcasting: operands that span dim 1 are coupled."""
+        out = _shape(node)
+        if out is None or len(out) < 2:
+            return self.unknown(node)
+        full: list[Layout] = []
+        for arg in node.args[:2]:
+            shape = _shape(arg)
+            if shape is None:
+                continue
+            d = 1 - (len(out) - len(shape))  # the operand dim aligned with the channel dim
+            if d < 0 or (shape[d] == 1 and out[1] != 1):
+                continue  # constant over channels
+            lay = self.of(arg)
+            if d != 1 or lay is None:
+                return self.unknown(node, "broadcasts a tensor across the channel dim")
+            full.append(lay)
+        if not full:
+            return self.unknown(node)
+        for other in full[1:]:
+            self.unify(full[0], other, node)
+        self.layout[node] = full[0]
+
+    def cat(self, node: fx.Node) -> None:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = _shape(node)
+        layouts = [self.of(t) for t in tensors]
+        if out is None or any(lay is None for lay in layouts) or not isinstance(dim, int):
+            return self.unknown(node)
+        if dim % len(out) == 1:
+            self.layout[node] = tuple(seg for lay in layouts for seg in lay)
+            self.zero.add(node)
+        else:
+            for lay in layouts[1:]:
+                self.unify(layouts[0], lay, node)
+            self.layout[node] = layouts[0]
+
+    def reshape(self, node: fx.Node) -> None:
+        """view / reshape / flatten / squeeze / unsqueeze, judged by shapes."""
+        src, out = _shape(node.args[0]), _shape(node)
+        lay = self.of(node.args[0])
+        if src is None or out is None or lay is None or len(src) < 2 or len(out) < 2:
+            return self.unknown(node)
+        if out[:2] == src[:2]:
+            self.layout[node] = lay  # every channel keeps its own elements
+        elif len(out) == 2 and out[0] == src[0] and out[1] == prod(src[1:]):
+            spatial = prod(src[2:])  # flatten from dim 1: each channel owns a block
+            self.layout[node] = tuple(s._replace(block=s.block * spatial) for s in lay)
+        else:
+            return self.unknown(node, "reshapes across the channel dim")
+        self.zero.add(node)
+
+    def reduce(self, node: fx.Node) -> None:
+        src, out = _shape(node.args[0]), _shape(node)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = [dims] if isinstance(dims, int) else dims
+        if (src is None or out is None or len(out) < 2 or not isinstance(dims, (list, tuple))
+                or {d % len(src) for d in dims} & {0, 1}):
+            return self.unknown(node)
+        self.passthrough(node, zero=True)
+
+    def getitem(self, node: fx.Node) -> None:
+        src, out = _shape(node.args[0]), _shape(node)
+        if src is None:  # indexing a tuple or a shape
+            if out is not None and len(out) >= 2:
+                self.of(node)
+            return
+        idx = node.args[1]
+        full = slice(None)
+        if (isinstance(idx, tuple) and len(idx) >= 2 and idx[0] == full and idx[1] == full
+                and out is not None and out[:2] == src[:2]):
+            return self.passthrough(node, zero=True)
+        self.unknown(node, "indexes the channel dim")
+
+    def pad(self, node: fx.Node) -> None:
+        src = _shape(node.args[0])
+        pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        if src is None or not isinstance(pads, (tuple, list)):
+            return self.unknown(node)
+        k = 2 * (len(src) - 2)  # pad entries that touch spatial dims only
+        if any(pads[k:]):
+            return self.unknown(node, "pads the channel dim (a ResNet option-A shortcut?) by "
+                                      "widths fixed in code")
+        self.passthrough(node, zero=mode != "constant" or not value)
+
+    # -- groups ------------------------------------------------------------------------------
+
+    def build_groups(self) -> None:
+        members: dict[int, list[int]] = {}
+        for s in range(len(self.src.parent)):
+            members.setdefault(self.src.find(s)[0], []).append(s)
+        slots: dict[int, list[ChannelSlot]] = {r: [] for r in members}
+        for axis in self.axes:
+            pos = 0
+            for seg in axis.layout:
+                root, off = self.src.find(seg.src)
+                slots[root].append(ChannelSlot(axis.module, axis.role, pos, off + seg.start,
+                                               seg.length, seg.block))
+                pos += seg.length * seg.block
+        ordered = sorted(members, key=lambda r: min(members[r]))
+        for root in ordered:
+            outs = [s for s in slots[root] if s.role == "out"]
+            first = min(members[root])
+            name = outs[0].module if outs else f"@{self.src.node[first].name}"
+            reasons = self.src.reasons.get(root, [])
+            mask = self.mask_point(members[root], root) if not reasons else None
+            self.roots[name] = root
+            self.groups.append(ChannelGroup(
+                name=name,
+                size=self.src.size[root],
+                producers=tuple(s for s in slots[root] if s.role != "in"),
+                consumers=tuple(s for s in slots[root] if s.role == "in"),
+                mask_point=mask.name if mask is not None else None,
+                mask_module=str(mask.target) if mask is not None and mask.op == "call_module"
+                else None,
+                prunable=not reasons,
+                reason="; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)"
+                                                 if len(reasons) > 3 else "") or None,
+            ))
+
+    def mask_point(self, members: list[int], root: int) -> fx.Node | None:
+        """The end of the single producer's chain (BN, activation, depthwise), if zeros from
+        there reach every consumer unchanged."""
+        if len(members) != 1:
+            return None
+        node = self.src.node[root]
+        if node not in self.consumers:  # not made by a conv / Linear
+            return None
+        lay = self.layout[node]
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if user not in self.chain or self.layout.get(user) != lay:
+                break
+            node = user
+        todo, seen = [node], {node}
+        while todo:
+            for user in todo.pop().users:
+                if user in self.consumers or user in seen:
+                    continue
+                if user not in self.zero:
+                    return None
+                seen.add(user)
+                todo.append(user)
+        return node
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+_LAST_TRACE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[type, ...]]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def input_specs(inputs: Inputs) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+    """Shapes and dtypes of example inputs: all the analysis needs to re-trace a model."""
+    return tuple((tuple(t.shape), t.dtype) for t in _as_tuple(inputs))
+
+
+def inputs_from_specs(specs: Iterable[tuple[Sequence[int], torch.dtype]]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.zeros(tuple(shape), dtype=dtype) for shape, dtype in specs)
+
+
+def analyze(model: nn.Module, example_inputs: Inputs,
+            leaf_modules: Iterable[type] = ()) -> _Analysis:
+    """Trace ``model`` and compute its channel groups (internal; see :func:`channel_groups`)."""
+    leaf = tuple(leaf_modules)
+    inputs = _as_tuple(example_inputs)
+    gm = _trace(model, leaf)
+    _propagate_shapes(gm, inputs)
+    analysis = _Analysis(gm)
+    analysis.run()
+    analysis.build_groups()
+    _LAST_TRACE[model] = (input_specs(inputs), leaf)
+    return analysis
+
+
+def channel_groups(model: nn.Module, example_inputs: Inputs, *,
+                   leaf_modules: Iterable[type] = ()) -> list[ChannelGroup]:
+    """The channel groups of ``model``, in graph order.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace (``torch.nn`` modules are leaves).
+        example_inputs: a tensor or a tuple of tensors for ``model(*example_inputs)``; only their
+            shapes and dtypes are used (shapes are propagated with fake tensors).
+        leaf_modules: extra module types to treat as opaque leaves (for modules that fx cannot
+            trace); the channels they touch are not prunable.
+
+    Raises:
+        ChannelGraphError: the model cannot be traced; the message names the failing module
+            and source line and suggests ``leaf_modules``.
+    """
+    return list(analyze(model, example_inputs, leaf_modules).groups)
+
+
+def keep_index(keep: Any, group: ChannelGroup) -> torch.Tensor:
+    """Validate a keep-set for ``group``: sorted, unique, in range, non-empty; int64 on CPU."""
+    if not group.prunable:
+        raise ChannelGraphError(f"channel group '{group.name}' is not prunable: {group.reason}")
+    k = torch.as_tensor(keep).detach()
+    if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool or k.dim() != 1:
+        raise ChannelGraphError(f"keep-set of '{group.name}' must be a 1-D tensor of integer "
+                                f"indices, got dtype {k.dtype} and shape {tuple(k.shape)}")
+    k = k.to("cpu", torch.int64).sort().values
+    if k.numel() == 0:
+        raise ChannelGraphError(f"keep-set of '{group.name}' is empty: a group must keep at "
+                                "least one channel")
+    if k[0] < 0 or k[-1] >= group.size:
+        raise ChannelGraphError(f"keep-set of '{group.name}' has indices outside "
+                                f"[0, {group.size}): min {int(k[0])}, max {int(k[-1])}")
+    dup = k[1:] == k[:-1]
+    if bool(dup.any()):
+        raise ChannelGraphError(f"keep-set of '{group.name}' repeats index "
+                                f"{int(k[1:][dup][0])}")
+    return k
+
+
+def resolve_plan(analysis: _Analysis, plan: Plan) -> dict[int, torch.Tensor]:
+    """Plan (group name -> keep indices) to root source -> validated keep index."""
+    by_name = {g.name: g for g in analysis.groups}
+    out: dict[int, torch.Tensor] = {}
+    for name, keep in plan.items():
+        if name not in by_name:
+            known = ", ".join(g.name for g in analysis.groups if g.prunable)
+            raise ChannelGraphError(f"unknown channel group '{name}'; prunable groups: {known}")
+        out[analysis.roots[name]] = keep_index(keep, by_name[name])
+    return out
+
+
+def axis_positions(analysis: _Analysis, layout: Layout,
+                   keeps: Mapping[int, torch.Tensor]) -> torch.Tensor | None:
+    """Positions kept along a dim with this layout, or None when all are kept."""
+    parts, pos, changed = [], 0, False
+    for seg in layout:
+        root, off = analysis.src.find(seg.src)
+        idx = torch.arange(seg.length)
+        if root in keeps:
+            k = keeps[root] - (off + seg.start)
+            idx = k[(k >= 0) & (k < seg.length)]
+            changed |= idx.numel() != seg.length
+        parts.append(pos + (idx[:, None] * seg.block + torch.arange(seg.block)).reshape(-1))
+        pos += seg.length * seg.block
+    return torch.cat(parts) if changed else None
+
+
+class _MaskingInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, masks: dict[str, torch.Tensor]):
+        super().__init__(gm)
+        self.masks = masks
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        mask = self.masks.get(n.name)
+        if mask is not None:
+            shape = (1, -1) + (1,) * (out.dim() - 2)
+            out = out * mask.to(out.device, out.dtype).view(shape)
+        return out
+
+
+def masked_forward(model: nn.Module, plan: Plan, *inputs: torch.Tensor,
+                   leaf_modules: Iterable[type] = ()) -> Any:
+    """Run ``model(*inputs)`` with every channel not in ``plan[group.name]`` zeroed.
+
+    Each planned group is zeroed at its ``mask_point``, or at every consumer's input when it has
+    none. The model is not changed (beyond what its own forward does, e.g. BN statistics in
+    training mode). The result equals the output of the model after
+    ``prune_channels_(model, plan)``: the preview of a cut, and the reference of the tests.
+    """
+    analysis = analyze(model, inputs, leaf_modules)
+    keeps = resolve_plan(analysis, plan)
+    at: dict[fx.Node, None] = {}
+    for group in analysis.groups:
+        if analysis.roots[group.name] not in keeps:
+            continue
+        if group.mask_point is not None:
+            at[next(n for n in analysis.gm.graph.nodes if n.name == group.mask_point)] = None
+        else:
+            root = analysis.roots[group.name]
+            for axis in analysis.axes:
+                if axis.role == "in" and any(analysis.src.find(s.src)[0] == root
+                                             for s in axis.layout):
+                    at[axis.input] = None
+    masks = {}
+    for node in at:
+        layout = analysis.layout[node]
+        kept = axis_positions(analysis, layout, keeps)
+        if kept is not None:
+            m = torch.zeros(_width(layout))
+            m[kept] = 1.0
+            masks[node.name] = m
+    return _MaskingInterpreter(analysis.gm, masks).run(*inputs)
