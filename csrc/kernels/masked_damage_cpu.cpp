@@ -70,13 +70,19 @@ Plan make_plan(const ConvGeom& g, int64_t K) {
   pl.entries = int64_t(1) << pl.bits;
   const int64_t rows = pl.ngroups * pl.entries;
   const int64_t P = g.positions();
-  // Deterministic in the shapes alone (not in the thread count): at least min(O, 8) tasks.
-  pl.O_t = std::max<int64_t>(1, std::min(ceil_div(g.O, 8), kTableBudget / (rows * kMinRow)));
-  pl.n_tasks = ceil_div(g.O, pl.O_t);
-  int64_t pt = kTableBudget / (rows * pl.O_t);
-  pt = std::min(std::max(pt, kMinRow), kMaxRow);
+  // Four output channels per tile (they share the im2col loads of Z) unless that makes rows
+  // shorter than 128 positions; long rows amortise the per-row work of the mask pass. Depends
+  // on the shapes alone, not on the thread count, so results are the same on any machine.
+  const int64_t tile_max = std::max<int64_t>(kMinRow, kTableBudget / rows);
+  pl.O_t = std::min<int64_t>(4, g.O);
+  if (tile_max / pl.O_t < 128) pl.O_t = 1;
+  int64_t pt = std::min(tile_max / pl.O_t, kMaxRow);
   if (pt >= 16) pt -= pt % 16;
-  pl.P_t = std::min(pt, P);
+  pl.P_t = std::max<int64_t>(1, std::min(pt, P));
+  if (pl.P_t < pt) {  // few positions (e.g. a Linear follower): more channels per tile instead
+    pl.O_t = std::max(pl.O_t, std::min(ceil_div(g.O, 8), tile_max / pl.P_t));
+  }
+  pl.n_tasks = ceil_div(g.O, pl.O_t);
   const int64_t ck = std::max<int64_t>(1, g.C * g.taps());
   int64_t pc = std::max(pl.P_t, (kColsBudget / ck) / pl.P_t * pl.P_t);
   pl.P_chunk = std::min(pc, P);
@@ -206,25 +212,55 @@ struct Scratch {
 };
 
 // z[c][ol][j] for c in [0, C), ol in [0, no), j in [0, n): contributions of the tile.
+// Four output channels at a time share each im2col load.
 AOFP_INLINE void compute_z(const PassCtx& cx, int64_t o0, int64_t no, int64_t j0, int64_t n,
                            float* z, int64_t ldz) {
   const ConvGeom& g = cx.p->g;
-  const int64_t KK = g.taps();
+  const int64_t KK = g.taps(), ld = cx.ld, O_t = cx.pl->O_t;
   for (int64_t c = 0; c < g.C; ++c) {
-    for (int64_t ol = 0; ol < no; ++ol) {
-      float* __restrict zr = z + (c * cx.pl->O_t + ol) * ldz;
-      const float* wr = cx.p->weight + ((o0 + ol) * g.C + c) * KK;
-      {
-        const float w0 = wr[0];
-        const float* __restrict col = cx.cols + (c * KK) * cx.ld + j0;
+    const float* __restrict col = cx.cols + (c * KK) * ld + j0;
+    int64_t ol = 0;
+    for (; ol + 4 <= no; ol += 4) {
+      const float* w0 = cx.p->weight + ((o0 + ol) * g.C + c) * KK;
+      const float* w1 = w0 + g.C * KK;
+      const float* w2 = w1 + g.C * KK;
+      const float* w3 = w2 + g.C * KK;
+      float* __restrict z0 = z + (c * O_t + ol) * ldz;
+      float* __restrict z1 = z0 + ldz;
+      float* __restrict z2 = z1 + ldz;
+      float* __restrict z3 = z2 + ldz;
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) zr[j] = w0 * col[j];
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = col[j];
+        z0[j] = w0[0] * v;
+        z1[j] = w1[0] * v;
+        z2[j] = w2[0] * v;
+        z3[j] = w3[0] * v;
       }
       for (int64_t kk = 1; kk < KK; ++kk) {
-        const float wk = wr[kk];
-        const float* __restrict col = cx.cols + (c * KK + kk) * cx.ld + j0;
+        const float* __restrict ck = col + kk * ld;
+        const float a0 = w0[kk], a1 = w1[kk], a2 = w2[kk], a3 = w3[kk];
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) zr[j] += wk * col[j];
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = ck[j];
+          z0[j] += a0 * v;
+          z1[j] += a1 * v;
+          z2[j] += a2 * v;
+          z3[j] += a3 * v;
+        }
+      }
+    }
+    for (; ol < no; ++ol) {
+      const float* w0 = cx.p->weight + ((o0 + ol) * g.C + c) * KK;
+      float* __restrict z0 = z + (c * O_t + ol) * ldz;
+      const float a = w0[0];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) z0[j] = a * col[j];
+      for (int64_t kk = 1; kk < KK; ++kk) {
+        const float* __restrict ck = col + kk * ld;
+        const float ak = w0[kk];
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) z0[j] += ak * ck[j];
       }
     }
   }
@@ -544,7 +580,7 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
         } else {
           dmg = ak * ak * st[3] - 2.0 * a * ak * (Pd * vy - st[2]) + a * a * Pd * vy;
         }
-        acc[size_t(k * O + o)] = std::max(0.0, dmg);
+        acc[size_t(k * O + o)] = dmg < 0.0 ? 0.0 : dmg;  // keeps NaN
       }
     }
     if (p.post == Post::Relu) {

@@ -1,0 +1,421 @@
+"""The CPU ops against their pure-PyTorch references (float64), on fresh random inputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aofp_ext import ops
+
+NORM_POST = list(itertools.product(["none", "affine", "batch"], ["none", "relu"]))
+
+
+def rand_case(gen, *, N, C, O, H=None, W=None, k=3, K=9, bias=True, norm="none", linear=False):
+    """Random follower input (post-ReLU like a real activation), weights, masks, BN params."""
+    if linear:
+        x = torch.randn(N, C, generator=gen).relu_()
+        w = torch.randn(O, C, generator=gen) / C**0.5
+    else:
+        x = torch.randn(N, C, H, W if W is not None else H, generator=gen).relu_()
+        w = torch.randn(O, C, k, k, generator=gen) / (C * k * k) ** 0.5
+    keep_p = torch.rand(K, 1, generator=gen)
+    masks = torch.rand(K, C, generator=gen) < keep_p
+    kw = {"bias": torch.randn(O, generator=gen) if bias else None}
+    if norm != "none":
+        kw["scale"] = torch.rand(O, generator=gen) + 0.5
+        kw["shift"] = torch.randn(O, generator=gen) * 0.2
+    return x, w, masks, kw
+
+
+def assert_damage_close(got, ref, rtol=1e-4, atol_frac=1e-5):
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    ref = ref.to(torch.float64)
+    got = got.to(torch.float64)
+    atol = atol_frac * float(ref.abs().max()) if ref.numel() else 0.0
+    err = (got - ref).abs()
+    bad = err > atol + rtol * ref.abs()
+    assert not bool(bad.any()), (
+        f"max abs err {float(err.max()):.3e}, max rel err "
+        f"{float((err / ref.abs().clamp_min(1e-30)).max()):.3e} at masks "
+        f"{bad.nonzero().flatten().tolist()[:8]}; got {got[bad][:4].tolist()} "
+        f"want {ref[bad][:4].tolist()}"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# masked_damage
+# ------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(1, 3), C=st.integers(1, 13), O=st.integers(1, 11), H=st.integers(5, 10),
+    W=st.integers(5, 10), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
+    padding=st.integers(0, 2), dilation=st.integers(1, 2), K=st.integers(1, 20),
+    mode=st.sampled_from(NORM_POST), bias=st.booleans(), seed=st.integers(0, 2**31 - 1),
+)
+def test_masked_damage_sweep(N, C, O, H, W, k, stride, padding, dilation, K, mode, bias, seed):
+    norm, post = mode
+    gen = torch.Generator().manual_seed(seed)
+    if (H + 2 * padding - dilation * (k - 1) - 1) < 0 or (W + 2 * padding - dilation * (k - 1) - 1) < 0:
+        return  # the conv itself is undefined here; the error path is tested separately
+    x, w, masks, kw = rand_case(gen, N=N, C=C, O=O, H=H, W=W, k=k, K=K, bias=bias, norm=norm)
+    args = dict(stride=stride, padding=padding, dilation=dilation, norm=norm, post=post, **kw)
+    got = ops.masked_damage(x, w, masks, **args)
+    ref = ops.masked_damage_reference(x, w, masks, **args)
+    assert_damage_close(got, ref)
+
+
+@pytest.mark.parametrize("norm,post", NORM_POST)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(N=4, C=16, O=16, H=8, k=3),     # ResNet-like
+        dict(N=2, C=33, O=17, H=6, k=3),     # odd widths, > 1 subset group
+        dict(N=1, C=5, O=3, H=7, k=5),       # N = 1
+        dict(N=3, C=70, O=9, H=4, k=1),      # many channels, 1x1
+    ],
+)
+def test_masked_damage_shapes(shape, norm, post):
+    gen = torch.Generator().manual_seed(hash((tuple(shape.items()), norm, post)) % 2**31)
+    for K in (1, 7, 300):  # K = 1, small K, and K large enough for 8-bit subset tables
+        x, w, masks, kw = rand_case(gen, K=K, norm=norm, **shape)
+        args = dict(padding=shape["k"] // 2, norm=norm, post=post, **kw)
+        assert_damage_close(ops.masked_damage(x, w, masks, **args),
+                            ops.masked_damage_reference(x, w, masks, **args))
+
+
+@pytest.mark.parametrize("norm,post", NORM_POST)
+def test_masked_damage_linear_follower(norm, post):
+    gen = torch.Generator().manual_seed(7)
+    for N, C, O in [(64, 50, 10), (1, 3, 2), (5, 130, 7)]:
+        x, w, masks, kw = rand_case(gen, N=N, C=C, O=O, K=33, norm=norm, linear=True)
+        if norm == "batch" and N == 1:
+            continue  # BN over a single value: variance 0 (covered by the conv N=1 cases)
+        args = dict(norm=norm, post=post, **kw)
+        assert_damage_close(ops.masked_damage(x, w, masks, **args),
+                            ops.masked_damage_reference(x, w, masks, **args))
+
+
+def test_masked_damage_batch_matches_nn_batchnorm():
+    """norm="batch" is nn.BatchNorm2d in training mode, applied to each masked output."""
+    gen = torch.Generator().manual_seed(3)
+    x, w, masks, kw = rand_case(gen, N=4, C=6, O=5, H=7, K=5, norm="batch")
+    bn = torch.nn.BatchNorm2d(5).train()
+    with torch.no_grad():
+        bn.weight.copy_(kw["scale"])
+        bn.bias.copy_(kw["shift"])
+        f = lambda inp: torch.relu(bn(torch.nn.functional.conv2d(inp, w, kw["bias"], padding=1)))
+        base = f(x)
+        want = torch.stack([((f(x * m.view(1, -1, 1, 1)) - base) ** 2).sum() for m in masks.float()])
+    got = ops.masked_damage(x, w, masks, padding=1, norm="batch", post="relu", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm,post", NORM_POST)
+def test_all_keep_is_exactly_zero_and_all_drop_matches(norm, post):
+    gen = torch.Generator().manual_seed(11)
+    x, w, _, kw = rand_case(gen, N=3, C=12, O=7, H=6, K=1, norm=norm)
+    masks = torch.stack([torch.ones(12, dtype=torch.bool), torch.zeros(12, dtype=torch.bool)])
+    args = dict(padding=1, norm=norm, post=post, **kw)
+    got = ops.masked_damage(x, w, masks, **args)
+    assert got[0].item() == 0.0
+    assert got[1].item() > 0.0
+    assert_damage_close(got, ops.masked_damage_reference(x, w, masks, **args))
+
+
+@pytest.mark.parametrize("norm,post", NORM_POST)
+def test_non_contiguous_inputs(norm, post):
+    gen = torch.Generator().manual_seed(5)
+    x, w, masks, kw = rand_case(gen, N=3, C=10, O=6, H=9, K=12, norm=norm)
+    args = dict(padding=1, norm=norm, post=post, **kw)
+    ref = ops.masked_damage_reference(x, w, masks, **args)
+    views = [
+        x.contiguous(memory_format=torch.channels_last),
+        x.transpose(2, 3).contiguous().transpose(2, 3),
+        torch.stack([x, torch.zeros_like(x)], dim=2)[:, :, 0],   # strided channels
+    ]
+    assert not any(v.is_contiguous() for v in views)
+    for v in views:
+        torch.testing.assert_close(v, x)
+        wt = w.transpose(0, 1).contiguous().transpose(0, 1)
+        mt = masks.t().contiguous().t()
+        assert_damage_close(ops.masked_damage(v, wt, mt, **args), ref)
+    # a batch slice with a storage offset
+    big = torch.cat([torch.randn(2, 10, 9, 9, generator=gen), x])
+    assert_damage_close(ops.masked_damage(big[2:], w, masks, **args), ref)
+
+
+def test_badly_scaled_batchnorm_inputs():
+    """Large activations with a large common offset: BN statistics must not lose precision."""
+    gen = torch.Generator().manual_seed(13)
+    x, w, masks, kw = rand_case(gen, N=4, C=9, O=5, H=8, K=25, norm="batch")
+    x = x * 50.0 + 1000.0
+    kw["bias"] = torch.full((5,), 3.0e3)
+    for post in ("none", "relu"):
+        args = dict(padding=1, norm="batch", post=post, **kw)
+        assert_damage_close(ops.masked_damage(x, w, masks, **args),
+                            ops.masked_damage_reference(x, w, masks, **args), rtol=2e-3)
+
+
+def test_empty_inputs():
+    x = torch.randn(0, 4, 5, 5)
+    w = torch.randn(3, 4, 3, 3)
+    m = torch.ones(6, 4, dtype=torch.bool)
+    out = ops.masked_damage(x, w, m, padding=1)
+    assert out.shape == (6,) and bool((out == 0).all())
+    out = ops.masked_damage(torch.randn(2, 4, 5, 5), w, m[:0], padding=1)
+    assert out.shape == (0,) and out.dtype == torch.float32
+    out = ops.masked_damage(torch.randn(2, 0, 5, 5), torch.randn(3, 0, 3, 3),
+                            torch.ones(4, 0, dtype=torch.bool), padding=1)
+    assert out.shape == (4,) and bool((out == 0).all())
+    assert ops.quadratic_damage(torch.zeros(0, 0), torch.ones(3, 0, dtype=torch.bool)).shape == (3,)
+    assert ops.channel_gram(x, w, padding=1).abs().sum() == 0
+
+
+def test_uint8_masks_and_half_inputs():
+    gen = torch.Generator().manual_seed(17)
+    x, w, masks, kw = rand_case(gen, N=2, C=8, O=4, H=6, K=10, norm="affine")
+    args = dict(padding=1, norm="affine", post="relu", **kw)
+    ref = ops.masked_damage(x, w, masks, **args)
+    assert torch.equal(ops.masked_damage(x, w, masks.to(torch.uint8), **args), ref)
+    for dt in (torch.float16, torch.bfloat16, torch.float64):
+        xr, wr = x.to(dt), w.to(dt)
+        got = ops.masked_damage(xr, wr, masks, **args)
+        assert got.dtype == torch.float32
+        assert_damage_close(got, ops.masked_damage_reference(xr, wr, masks, **args))
+
+
+def test_nan_propagates():
+    gen = torch.Generator().manual_seed(19)
+    for norm, post in NORM_POST:
+        x, w, masks, kw = rand_case(gen, N=2, C=6, O=4, H=5, K=4, norm=norm)
+        x[0, 2, 1, 1] = float("nan")
+        masks[:, 2] = False  # every mask touches the NaN channel
+        out = ops.masked_damage(x, w, masks, padding=1, norm=norm, post=post, **kw)
+        assert bool(torch.isnan(out).all()), (norm, post, out)
+
+
+# ------------------------------------------------------------------------------------------
+# channel_gram / quadratic_damage
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(N=3, C=7, O=5, H=9, k=3, stride=2, padding=1, dilation=1),   # direct
+        dict(N=2, C=11, O=300, H=5, k=1, stride=1, padding=0, dilation=1),  # factored (wide)
+        dict(N=2, C=6, O=4, H=10, k=5, stride=1, padding=2, dilation=2),  # dilation
+        dict(N=1, C=1, O=1, H=3, k=3, stride=1, padding=1, dilation=1),   # C = 1
+    ],
+)
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_channel_gram_and_quadratic_damage(shape, with_scale):
+    gen = torch.Generator().manual_seed(23)
+    shape = dict(shape)
+    geo = {k: shape.pop(k) for k in ("stride", "padding", "dilation")}
+    x, w, masks, kw = rand_case(gen, K=40, norm="affine", **shape)
+    scale = kw["scale"] if with_scale else None
+    G = ops.channel_gram(x, w, scale=scale, **geo)
+    Gr = ops.channel_gram_reference(x, w, scale=scale, **geo)
+    torch.testing.assert_close(G.double(), Gr, rtol=1e-5, atol=1e-5 * float(Gr.abs().max()))
+    assert torch.equal(G, G.T)
+    q = ops.quadratic_damage(G, masks)
+    assert_damage_close(q, ops.quadratic_damage_reference(Gr, masks))
+    # the exact damage at a linear follower output: the same figure as masked_damage
+    norm = "affine" if with_scale else "none"
+    extra = dict(scale=kw["scale"], shift=kw["shift"]) if with_scale else {}
+    assert_damage_close(q, ops.masked_damage_reference(x, w, masks, norm=norm, **extra, **geo))
+    assert_damage_close(ops.masked_damage(x, w, masks, norm=norm, **extra, **geo), q.double())
+
+
+def test_channel_gram_linear_follower():
+    gen = torch.Generator().manual_seed(29)
+    x, w, masks, _ = rand_case(gen, N=40, C=25, O=12, K=16, linear=True)
+    G = ops.channel_gram(x, w)
+    Gr = ops.channel_gram_reference(x, w)
+    torch.testing.assert_close(G.double(), Gr, rtol=1e-5, atol=1e-5 * float(Gr.abs().max()))
+    diag = torch.diagonal(G)
+    one_hot = ~torch.eye(25, dtype=torch.bool)  # drop exactly one channel each
+    assert_damage_close(ops.masked_damage(x, w, one_hot), diag.double())
+
+
+# ------------------------------------------------------------------------------------------
+# compact_
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_compact_matches_reference_and_keeps_objects(dim):
+    gen = torch.Generator().manual_seed(31)
+    a = torch.randn(6, 7, 3, generator=gen) if dim != -1 else torch.randn(4, 2, 7, generator=gen)
+    size = a.shape[dim]
+    keep = torch.tensor(sorted(torch.randperm(size, generator=gen)[:4].tolist()))
+    b = a.clone()
+    ops.compact_reference_([b], [dim], keep)
+    p = torch.nn.Parameter(a.clone())
+    ident, data_ptr = id(p), p.data_ptr()
+    ops.compact_([p], [dim], keep)
+    assert id(p) == ident and isinstance(p, torch.nn.Parameter)
+    assert p.data_ptr() != 0 and p.is_contiguous()
+    assert torch.equal(p.detach(), b)
+    del data_ptr
+
+
+def test_compact_several_tensors_channels_last_and_shrink():
+    gen = torch.Generator().manual_seed(37)
+    w = torch.randn(8, 5, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(8, generator=gen)
+    nxt = torch.randn(4, 8, 3, 3, generator=gen)
+    keep = torch.tensor([0, 3, 4, 7])
+    want = [w[keep], bias[keep], nxt[:, keep]]
+    ops.compact_([w, bias], [0, 0], keep)
+    ops.compact_([nxt], [1], keep)
+    for got, exp in zip([w, bias, nxt], want):
+        assert torch.equal(got, exp)
+    assert w.is_contiguous(memory_format=torch.channels_last)  # layout kept, no copy
+    assert nxt.untyped_storage().nbytes() == nxt.numel() * 4     # memory really freed
+
+
+def test_compact_edge_cases():
+    t = torch.arange(12.0).view(3, 4)
+    ops.compact_([t], [1], torch.arange(4))  # keep everything: unchanged
+    assert torch.equal(t, torch.arange(12.0).view(3, 4))
+    ops.compact_([t], [1], torch.tensor([], dtype=torch.long))
+    assert t.shape == (3, 0)
+    ops.compact_([], [], torch.tensor([0]))  # nothing to do
+    overlapping = torch.arange(4.0).expand(3, 4)  # stride 0: no in-place packing exists
+    ops.compact_([overlapping], [1], torch.tensor([1, 3]))
+    assert torch.equal(overlapping, torch.tensor([[1.0, 3.0]] * 3))
+
+
+@pytest.mark.parametrize(
+    "keep,match",
+    [
+        (torch.tensor([2, 1]), "sorted and unique"),
+        (torch.tensor([1, 1]), "sorted and unique"),
+        (torch.tensor([0, 9]), r"must lie in \[0, 5\)"),
+        (torch.tensor([-1, 2]), r"must lie in \[0, 5\)"),
+        (torch.tensor([0.0, 1.0]), "int64"),
+        (torch.tensor([[0, 1]]), "1-D int64"),
+    ],
+)
+def test_compact_errors(keep, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.compact_([torch.randn(5, 2)], [0], keep)
+
+
+def test_compact_mismatched_sizes_and_dims():
+    with pytest.raises(RuntimeError, match="same size along its dim"):
+        ops.compact_([torch.randn(5), torch.randn(6)], [0, 0], torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.compact_([torch.randn(5)], [2], torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="one dim per tensor"):
+        ops.compact_([torch.randn(5)], [0, 0], torch.tensor([0]))
+
+
+# ------------------------------------------------------------------------------------------
+# errors name the argument and the expectation
+# ------------------------------------------------------------------------------------------
+
+
+def _ok():
+    return torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3, 3), torch.ones(5, 4, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.update(x=torch.randn(2, 4, 6)), r"x must be \(N, C, H, W\)"),
+        (lambda a: a.update(weight=torch.randn(3, 4)), r"weight must be \(O, C, kh, kw\)"),
+        (lambda a: a.update(weight=torch.randn(3, 5, 3, 3)), "C = 4"),
+        (lambda a: a.update(masks=torch.ones(5, 3, dtype=torch.bool)), r"masks must be \(K, C\) with C = 4"),
+        (lambda a: a.update(masks=torch.ones(5, 4)), "masks must be bool"),
+        (lambda a: a.update(masks=torch.full((5, 4), 2, dtype=torch.uint8)), "only 0 and 1"),
+        (lambda a: a.update(masks=torch.ones(4, dtype=torch.bool)), "masks must be 2-D"),
+        (lambda a: a.update(norm="layer"), 'norm must be "none", "affine" or "batch"'),
+        (lambda a: a.update(post="gelu"), 'post must be "none" or "relu"'),
+        (lambda a: a.update(norm="batch"), r"needs scale and shift, each of shape \(O,\) = \(3,\)"),
+        (lambda a: a.update(norm="affine", scale=torch.ones(3), shift=torch.ones(4)),
+         r"shift must be 1-D of size O = 3"),
+        (lambda a: a.update(scale=torch.ones(3), shift=torch.ones(3)), 'norm="none"'),
+        (lambda a: a.update(bias=torch.ones(2)), "bias must be 1-D of size O = 3"),
+        (lambda a: a.update(x=torch.randint(0, 3, (2, 4, 6, 6))), "x must be a floating-point"),
+        (lambda a: a.update(x=torch.randn(2, 4, 1, 1)), "does not fit the padded input"),
+        (lambda a: a.update(stride=0), "stride must be >= 1"),
+    ],
+)
+def test_masked_damage_errors(mutate, match):
+    x, w, m = _ok()
+    a = dict(x=x, weight=w, masks=m)
+    mutate(a)
+    x, w, m = a.pop("x"), a.pop("weight"), a.pop("masks")
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        ops.masked_damage(x, w, m, **a)
+
+
+def test_linear_follower_rejects_conv_arguments():
+    with pytest.raises(RuntimeError, match="conv followers only"):
+        ops.masked_damage(torch.randn(4, 3), torch.randn(2, 3), torch.ones(1, 3, dtype=torch.bool),
+                          stride=2)
+    with pytest.raises(RuntimeError, match=r"weight must be \(O, C\) when x is \(N, C\)"):
+        ops.masked_damage(torch.randn(4, 3), torch.randn(2, 3, 1, 1), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_gram_and_quadratic_errors():
+    with pytest.raises(RuntimeError, match=r"gram must be a square \(C, C\)"):
+        ops.quadratic_damage(torch.randn(3, 4), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"masks must be \(K, C\) with C = 3"):
+        ops.quadratic_damage(torch.randn(3, 3), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="scale must be 1-D of size O = 3"):
+        ops.channel_gram(torch.randn(2, 4, 5, 5), torch.randn(3, 4, 3, 3), scale=torch.ones(4))
+
+
+def test_cuda_tensors_in_cpu_only_build(monkeypatch):
+    """A CPU-only build names the device and says how to fix it (no GPU needed to check)."""
+    monkeypatch.setattr(ops, "_BUILD_INFO", {"cuda": False, "torch_version": "x"})
+
+    class FakeCuda:
+        device = torch.device("cuda", 0)
+
+    with pytest.raises(RuntimeError, match="on cuda:0, but this build of aofp_ext has no CUDA"):
+        ops._check_backend("masked_damage", torch.zeros(1), FakeCuda())
+
+
+# ------------------------------------------------------------------------------------------
+# registration
+# ------------------------------------------------------------------------------------------
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(41)
+    x, w, masks, kw = rand_case(gen, N=2, C=5, O=3, H=6, K=4, norm="batch")
+    for norm, post in NORM_POST:
+        extra = {k: v for k, v in kw.items() if norm != "none" or k == "bias"}
+        torch.library.opcheck(
+            torch.ops.aofp.masked_damage.default, (x, w, masks),
+            dict(padding=[1, 1], norm=norm, post=post, **extra))
+    torch.library.opcheck(torch.ops.aofp.channel_gram.default, (x, w), dict(padding=[1, 1]))
+    G = ops.channel_gram(x, w, padding=1)
+    torch.library.opcheck(torch.ops.aofp.quadratic_damage.default, (G, masks))
+    torch.library.opcheck(
+        torch.ops.aofp.compact_.default, ([torch.randn(5, 3), torch.randn(2, 5)], [0, 1],
+                                          torch.tensor([1, 4])),
+        test_utils=("test_schema", "test_autograd_registration"))
+
+
+def test_compiles_with_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(43)
+    x, w, masks, _ = rand_case(gen, N=2, C=5, O=3, H=6, K=4)
+
+    def f(x, w, m):
+        return ops.masked_damage(x, w, m, padding=1, post="relu").sum()
+
+    eager = f(x, w, masks)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")(x, w, masks)
+    torch.testing.assert_close(compiled, eager)
