@@ -161,7 +161,15 @@ def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> _Array:
     return _Array()
 
 
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """Stands in for ``_codecs.encode``, which Python 3 uses to pickle bytes at protocol <= 2."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("only latin-1 byte strings may be encoded")
+    return text.encode("latin1")
+
+
 _ALLOWED_GLOBALS = {
+    ("_codecs", "encode"): _latin1_bytes,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): _NDArrayType,

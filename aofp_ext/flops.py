@@ -7,7 +7,7 @@ from math import prod
 import torch
 import torch.nn as nn
 
-from .graph import Inputs, _as_tuple
+from .graph import Inputs, _as_tuple, run_quietly
 
 __all__ = ["count_flops"]
 
@@ -19,10 +19,9 @@ def count_flops(model: nn.Module, example_inputs: Inputs) -> tuple[int, int]:
     bias, BN or activation terms): the convention of the AOFP authors and of Torch-Pruning. They
     scale with the batch size of ``example_inputs``: pass a batch of one for per-image MACs.
     ``params`` counts every parameter of ``model`` (BN included). The forward pass runs on fake
-    tensors: no compute, and the model (BN statistics included) is not changed.
+    tensors in eval mode: no compute (unless an op needs real data), and the model (BN statistics
+    included) is not changed.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     macs = 0
 
     def conv(m: nn.modules.conv._ConvNd, inputs: tuple, out: torch.Tensor) -> None:
@@ -33,6 +32,11 @@ def count_flops(model: nn.Module, example_inputs: Inputs) -> tuple[int, int]:
         nonlocal macs
         macs += out.numel() * m.in_features
 
+    def forward(*inputs: torch.Tensor) -> None:
+        nonlocal macs
+        macs = 0  # a failed attempt on fake tensors may have counted some layers
+        model(*inputs)
+
     handles = []
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
@@ -40,8 +44,7 @@ def count_flops(model: nn.Module, example_inputs: Inputs) -> tuple[int, int]:
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear))
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            model(*(mode.from_tensor(t) for t in _as_tuple(example_inputs)))
+        run_quietly(model, forward, _as_tuple(example_inputs))
     finally:
         for h in handles:
             h.remove()

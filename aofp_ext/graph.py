@@ -20,10 +20,11 @@ from __future__ import annotations
 import operator
 import traceback
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
@@ -179,7 +180,7 @@ def _user_frame(exc: BaseException) -> str:
     """``file:line: code`` of the innermost traceback frame outside torch."""
     torch_dir = str(Path(torch.__file__).parent)
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(torch_dir) and not f.filename.endswith("graph.py")]
+              if not f.filename.startswith(torch_dir) and f.filename != __file__]
     if not frames:
         return "unknown location"
     f = frames[-1]
@@ -206,14 +207,30 @@ def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
-def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Fills ``node.meta['tensor_meta']`` with fake tensors: no compute, the model is untouched."""
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def run_quietly(model: nn.Module, fn: Callable[..., Any], inputs: Sequence[Any]) -> Any:
+    """``fn(*inputs)`` with ``model`` in eval mode (no BN statistics update) and no autograd, on
+    fake tensors (no compute) -- or on the real inputs if an op cannot run on fake tensors
+    (data-dependent control flow in a leaf module). Every module's mode is restored."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*fake)
+    with _eval_mode(model), torch.no_grad():
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                return fn(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                            for t in inputs))
+        except Exception:
+            return fn(*inputs)
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -317,8 +334,6 @@ class _Axis:
     module: str
     role: str
     layout: Layout
-    node: fx.Node
-    input: fx.Node | None
 
 
 @dataclass
@@ -330,6 +345,8 @@ class _Analysis:
     chain: set[fx.Node] = field(default_factory=set)       # may precede a mask point
     zero: set[fx.Node] = field(default_factory=set)        # maps zeroed channels to zeros
     consumers: set[fx.Node] = field(default_factory=set)   # conv/Linear reading their input dim
+    consumed: list[tuple[fx.Node, Layout]] = field(default_factory=list)  # their inputs, per call
+    meta: set[fx.Node] = field(default_factory=set)        # read shapes only (x.size(0), ...)
     calls: dict[str, tuple[Layout, Layout]] = field(default_factory=dict)
     groups: list[ChannelGroup] = field(default_factory=list)
     roots: dict[str, int] = field(default_factory=dict)    # group name -> root source
@@ -484,11 +501,12 @@ class _Analysis:
             out = lay if out_size is None else self.new(node, out_size)
             self.layout[node] = out
             self.calls[name] = (lay, out)
-            self.axes.append(_Axis(name, role, lay, node, node.args[0]))
+            self.axes.append(_Axis(name, role, lay))
             if out_size is not None:
-                self.axes.append(_Axis(name, "out", out, node, None))
+                self.axes.append(_Axis(name, "out", out))
         if consumer:
             self.consumers.add(node)
+            self.consumed.append((node.args[0], lay))
         else:
             self.chain.add(node)
 
@@ -511,14 +529,14 @@ class _Analysis:
         elif t is F.pad:
             self.pad(node)
         elif t is getattr and node.args[1] in ("shape", "device", "dtype", "ndim"):
-            pass
+            self.meta.add(node)
         else:
             self.unknown(node)
 
     def visit_method(self, node: fx.Node) -> None:
         t = node.target
         if t in _META_METHODS:
-            pass
+            self.meta.add(node)
         elif t in _ZERO_METHODS:
             self.passthrough(node, zero=True, act=t in _ACT_METHODS)
         elif t in _NONZERO_METHODS:
@@ -666,15 +684,15 @@ class _Analysis:
         if node not in self.consumers:  # not made by a conv / Linear
             return None
         lay = self.layout[node]
-        while len(node.users) == 1:
-            user = next(iter(node.users))
-            if user not in self.chain or self.layout.get(user) != lay:
+        while True:
+            users = [u for u in node.users if u not in self.meta]
+            if len(users) != 1 or users[0] not in self.chain or self.layout.get(users[0]) != lay:
                 break
-            node = user
+            node = users[0]
         todo, seen = [node], {node}
         while todo:
             for user in todo.pop().users:
-                if user in self.consumers or user in seen:
+                if user in self.consumers or user in self.meta or user in seen:
                     continue
                 if user not in self.zero:
                     return None
@@ -706,7 +724,7 @@ def analyze(model: nn.Module, example_inputs: Inputs,
     leaf = tuple(leaf_modules)
     inputs = _as_tuple(example_inputs)
     gm = _trace(model, leaf)
-    _propagate_shapes(gm, inputs)
+    run_quietly(model, ShapeProp(gm).propagate, inputs)
     analysis = _Analysis(gm)
     analysis.run()
     analysis.build_groups()
@@ -737,13 +755,13 @@ def keep_index(keep: Any, group: ChannelGroup) -> torch.Tensor:
     if not group.prunable:
         raise ChannelGraphError(f"channel group '{group.name}' is not prunable: {group.reason}")
     k = torch.as_tensor(keep).detach()
+    if k.numel() == 0:
+        raise ChannelGraphError(f"keep-set of '{group.name}' is empty: a group must keep at "
+                                "least one channel")
     if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool or k.dim() != 1:
         raise ChannelGraphError(f"keep-set of '{group.name}' must be a 1-D tensor of integer "
                                 f"indices, got dtype {k.dtype} and shape {tuple(k.shape)}")
     k = k.to("cpu", torch.int64).sort().values
-    if k.numel() == 0:
-        raise ChannelGraphError(f"keep-set of '{group.name}' is empty: a group must keep at "
-                                "least one channel")
     if k[0] < 0 or k[-1] >= group.size:
         raise ChannelGraphError(f"keep-set of '{group.name}' has indices outside "
                                 f"[0, {group.size}): min {int(k[0])}, max {int(k[-1])}")
@@ -815,10 +833,9 @@ def masked_forward(model: nn.Module, plan: Plan, *inputs: torch.Tensor,
             at[next(n for n in analysis.gm.graph.nodes if n.name == group.mask_point)] = None
         else:
             root = analysis.roots[group.name]
-            for axis in analysis.axes:
-                if axis.role == "in" and any(analysis.src.find(s.src)[0] == root
-                                             for s in axis.layout):
-                    at[axis.input] = None
+            for node, layout in analysis.consumed:
+                if any(analysis.src.find(s.src)[0] == root for s in layout):
+                    at[node] = None
     masks = {}
     for node in at:
         layout = analysis.layout[node]

@@ -1,0 +1,121 @@
+"""Hand-written networks and helpers shared by the channel-group / surgery tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """The shipped data; a missing folder is a failure, not a skip."""
+    path = Path(os.environ.get("AOFP_DATA_DIR", REPO.parent / "shared" / "data"))
+    assert path.is_dir(), f"shipped data not found at {path} (set AOFP_DATA_DIR)"
+    return path
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
+class ProjectionNet(nn.Module):
+    """ResNet with projection ("option B") shortcuts: conv + BN on the shortcut, so the whole
+    residual stream is a prunable group coupled through the adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.b1 = conv_bn(8, 12)
+        self.b1_out = conv_bn(12, 16)
+        self.b1_short = conv_bn(8, 16, k=1)
+        self.b2 = conv_bn(16, 10)
+        self.b2_out = conv_bn(10, 16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        y = F.relu(self.b1_out(F.relu(self.b1(x))) + self.b1_short(x))
+        y = F.relu(self.b2_out(F.relu(self.b2(y))) + y)
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+class CatNet(nn.Module):
+    """Two branches concatenated into a conv; a concatenation added to a conv output (a group
+    whose members sit at offsets); a max-pool and a Flatten -> Linear head with BatchNorm1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 6)
+        self.a = conv_bn(6, 5)
+        self.b = conv_bn(6, 7, k=1)
+        self.mix = conv_bn(12, 9)
+        self.c = conv_bn(9, 4)
+        self.d = conv_bn(9, 6)
+        self.e = conv_bn(9, 10)
+        self.fc1 = nn.Linear(10 * 4 * 4, 20)
+        self.bn_fc = nn.BatchNorm1d(20)
+        self.fc2 = nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        ab = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)   # 12 = 5 + 7
+        m = F.relu(self.mix(ab))                                        # 9
+        s = torch.cat([self.c(m), self.d(m)], dim=1) + self.e(m)        # 10 = 4 + 6, and e
+        s = F.max_pool2d(F.relu(s), 2)                                  # 8x8 -> 4x4
+        h = F.relu(self.bn_fc(self.fc1(s.flatten(1))))
+        return self.fc2(F.dropout(h, 0.5, self.training))
+
+
+class FlattenNet(nn.Module):
+    """conv -> BN -> ReLU -> pool -> view(N, -1) -> Linear: each channel owns 16 neurons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(3, 8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)  # with a bias
+        self.fc1 = nn.Linear(6 * 16, 12)
+        self.fc2 = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.avg_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give BN realistic statistics (one training-mode pass), random affine terms; eval mode."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def random_plan(groups, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random keep-set of random size for every prunable group, keeping at least one channel
+    of every producing conv/Linear (a group made of several, as a concatenation, could otherwise
+    leave one of them empty)."""
+    plan = {}
+    for g in groups:
+        if g.prunable:
+            n = int(torch.randint(1, g.size + 1, (), generator=generator))
+            keep = set(torch.randperm(g.size, generator=generator)[:n].tolist())
+            for s in g.producers:
+                if s.role == "out" and not keep & set(range(s.group_start, s.group_start + s.length)):
+                    keep.add(s.group_start + int(torch.randint(s.length, (), generator=generator)))
+            plan[g.name] = torch.tensor(sorted(keep))
+    return plan

@@ -1,0 +1,314 @@
+"""channel_groups, masked_forward and count_flops: the groups found in the reference models and
+in hand-written nets, the reasons given for what cannot be pruned, and hand counts of MACs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import aofp_ext
+from aofp_ext.graph import ChannelGraphError, ChannelSlot
+from aofp_ext.models import lenet5_bn, mobilenet_v2_cifar, resnet20, resnet56, vgg16_cifar
+
+from _nets import CatNet, FlattenNet, ProjectionNet, calibrate, conv_bn, random_plan
+
+X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def by_name(model: nn.Module, x: torch.Tensor, **kw) -> dict[str, aofp_ext.ChannelGroup]:
+    return {g.name: g for g in aofp_ext.channel_groups(model, x, **kw)}
+
+
+def prune_matches_preview(model: nn.Module, x: torch.Tensor, seed: int = 0) -> dict:
+    """Cut random keep-sets of every prunable group; the output must equal the preview."""
+    calibrate(model, x)
+    plan = random_plan(aofp_ext.channel_groups(model, x), torch.Generator().manual_seed(seed))
+    assert plan
+    with torch.no_grad():
+        expected = aofp_ext.masked_forward(model, plan, x)
+        aofp_ext.prune_channels_(model, plan)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    return plan
+
+
+# ---- the reference models ---------------------------------------------------------------------
+
+
+def test_resnet56_groups() -> None:
+    groups = by_name(resnet56(), X32)
+    prunable = {n for n, g in groups.items() if g.prunable}
+    assert prunable == {f"layer{s}.{i}.conv1" for s in (1, 2, 3) for i in range(9)}
+    g = groups["layer2.3.conv1"]
+    assert g.size == 32 and g.mask_point == "layer2_3_relu1" and g.mask_module == "layer2.3.relu1"
+    assert g.producers == (ChannelSlot("layer2.3.conv1", "out", 0, 0, 32),
+                           ChannelSlot("layer2.3.bn1", "norm", 0, 0, 32))
+    assert g.consumers == (ChannelSlot("layer2.3.conv2", "in", 0, 0, 32),)
+    # the residual streams meet the option-A channel padding: not prunable, and why
+    for name, pad_in in (("conv1", "layer2.0.shortcut"), ("layer2.0.conv2", "layer2.0.shortcut"),
+                         ("layer3.0.conv2", "layer3.0.shortcut")):
+        assert not groups[name].prunable
+        assert "pads the channel dim" in groups[name].reason and pad_in in groups[name].reason
+    stream = groups["layer3.0.conv2"]
+    assert {s.module for s in stream.producers if s.role == "out"} == {
+        f"layer3.{i}.conv2" for i in range(9)}
+    assert {s.module for s in stream.consumers} == {f"layer3.{i}.conv1" for i in range(1, 9)} | {
+        "linear"}
+    assert groups["@x"].reason == "model input 'x'"
+    assert groups["linear"].reason == "reaches the model output"
+
+
+def test_vgg16_groups() -> None:
+    groups = aofp_ext.channel_groups(vgg16_cifar(), X32)
+    prunable = [g for g in groups if g.prunable]
+    assert [g.size for g in prunable] == [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512,
+                                          512, 512, 512]
+    assert all(g.mask_module == g.name.replace(".conv", ".relu") for g in prunable[:13])
+    assert prunable[12].consumers == (ChannelSlot("linear1", "in", 0, 0, 512),)
+    assert prunable[13].name == "linear1" and prunable[13].mask_module == "relu"
+
+
+def test_lenet_flatten_blocks() -> None:
+    groups = by_name(lenet5_bn(), torch.randn(2, 1, 28, 28))
+    assert groups["conv2"].consumers == (ChannelSlot("fc1", "in", 0, 0, 50, block=16),)
+    assert groups["fc1"].prunable and groups["fc1"].mask_module == "relu3"
+
+
+def test_mobilenet_depthwise_and_residual_streams() -> None:
+    groups = by_name(mobilenet_v2_cifar(width_mult=0.5), X32)
+    hidden = groups["blocks.2.block.0"]
+    assert [(s.module, s.role) for s in hidden.producers] == [
+        ("blocks.2.block.0", "out"), ("blocks.2.block.1", "norm"),
+        ("blocks.2.block.3", "depthwise"), ("blocks.2.block.4", "norm")]
+    assert hidden.mask_module == "blocks.2.block.5"  # after the depthwise conv's BN and ReLU6
+    stream = groups["blocks.1.block.6"]  # blocks 1 and 2 share a residual stream
+    assert stream.prunable and stream.mask_point is None
+    assert [s.module for s in stream.producers if s.role == "out"] == [
+        "blocks.1.block.6", "blocks.2.block.6"]
+    assert groups["stem.0"].producers[2] == ChannelSlot("blocks.0.block.0", "depthwise", 0, 0, 16)
+
+
+# ---- hand-written nets: cat, projection shortcuts, flatten/view, sharing, SE ----------------
+
+
+def test_cat_offsets_and_flatten_blocks() -> None:
+    groups = by_name(CatNet(), torch.randn(2, 3, 8, 8))
+    assert groups["b.0"].consumers == (ChannelSlot("mix.0", "in", 5, 0, 7),)
+    cd = groups["c.0"]  # cat([c, d]) + e: one group of 10, c and d at offsets 0 and 4
+    assert cd.size == 10 and cd.mask_point is None
+    assert [(s.module, s.group_start, s.length) for s in cd.producers if s.role == "out"] == [
+        ("c.0", 0, 4), ("d.0", 4, 6), ("e.0", 0, 10)]
+    assert cd.consumers == (ChannelSlot("fc1", "in", 0, 0, 4, 16),
+                            ChannelSlot("fc1", "in", 64, 4, 6, 16))
+    assert groups["fc1"].producers[1] == ChannelSlot("bn_fc", "norm", 0, 0, 20)
+
+
+def test_projection_shortcut_stream_is_prunable() -> None:
+    model = ProjectionNet()
+    groups = by_name(model, torch.randn(2, 3, 8, 8))
+    stream = groups["b1_out.0"]
+    assert stream.prunable and {s.module for s in stream.producers} == {
+        "b1_out.0", "b1_out.1", "b1_short.0", "b1_short.1", "b2_out.0", "b2_out.1"}
+    plan = prune_matches_preview(model, torch.randn(4, 3, 8, 8), seed=5)
+    assert model.b1_short[0].out_channels == model.b2_out[0].out_channels == len(
+        plan["b1_out.0"]) == model.fc.in_features
+
+
+def test_view_into_linear() -> None:
+    groups = by_name(FlattenNet(), torch.randn(2, 3, 16, 16))
+    assert groups["conv2"].consumers == (ChannelSlot("fc1", "in", 0, 0, 6, block=16),)
+    assert groups["conv2"].mask_point == "relu_1"
+    prune_matches_preview(FlattenNet(), torch.randn(3, 3, 16, 16), seed=2)
+
+
+class SharedNet(nn.Module):
+    """One conv applied to two branches: its input dim couples the branches' channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s1, self.s2, self.shared = conv_bn(3, 6), conv_bn(3, 6, k=1), nn.Conv2d(6, 5, 3)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        y = self.shared(F.relu(self.s1(x))) + self.shared(F.relu(self.s2(x)))
+        return self.head(y.mean((2, 3)))
+
+
+class SENet(nn.Module):
+    """Squeeze-and-excitation: a (N, C, 1, 1) gate multiplies the (N, C, H, W) features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.reduce, self.expand = conv_bn(3, 8), nn.Conv2d(8, 3, 1), nn.Conv2d(3, 8, 1)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        gate = torch.sigmoid(self.expand(F.relu(self.reduce(F.adaptive_avg_pool2d(y, 1)))))
+        return self.out(y * gate).flatten(1)
+
+
+def test_shared_module_couples_its_inputs() -> None:
+    groups = by_name(SharedNet(), torch.randn(2, 3, 8, 8))
+    assert "s2.0" not in groups  # coupled into the group of s1
+    assert {s.module for s in groups["s1.0"].producers if s.role == "out"} == {"s1.0", "s2.0"}
+    prune_matches_preview(SharedNet(), torch.randn(4, 3, 8, 8), seed=1)
+
+
+def test_squeeze_excitation_gate_is_coupled() -> None:
+    groups = by_name(SENet(), torch.randn(2, 3, 8, 8))
+    g = groups["conv.0"]
+    assert {s.module for s in g.producers if s.role == "out"} == {"conv.0", "expand"}
+    assert {s.module for s in g.consumers} == {"reduce", "out"}
+    assert groups["reduce"].prunable
+    prune_matches_preview(SENet(), torch.randn(4, 3, 8, 8), seed=3)
+
+
+# ---- what is not prunable, and why -------------------------------------------------------------
+
+
+class Odd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = conv_bn(3, 8), conv_bn(8, 8), conv_bn(8, 8), conv_bn(8, 6)
+        self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=2)
+        self.dw2 = nn.Conv2d(6, 12, 3, padding=1, groups=6)  # channel multiplier 2
+        self.gn = nn.GroupNorm(2, 12)
+        self.e, self.f = conv_bn(12, 4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        y = F.relu(self.b(y[:, :8]))          # a channel slice (even if it covers everything)
+        y = F.relu(self.c(torch.softmax(y, 1)))
+        y = self.grouped(F.relu(self.d(y)))
+        y = self.gn(self.dw2(y))
+        return self.f(F.relu(self.e(y)).transpose(2, 3))
+
+
+def test_reasons_name_the_op() -> None:
+    groups = by_name(Odd(), torch.randn(2, 3, 8, 8))
+    reason = {n: g.reason for n, g in groups.items()}
+    assert "'getitem'" in reason["a.0"] and "indexes the channel dim" in reason["a.0"]
+    assert "'softmax'" in reason["b.0"]
+    assert "module 'grouped' (Conv2d) is a grouped conv (groups=2)" in reason["d.0"]
+    assert "module 'dw2' (Conv2d)" in reason["@grouped"]  # no producing module of its own
+    assert "module 'gn' (GroupNorm)" in reason["@dw2"]
+    assert "'.transpose()'" in reason["e.0"]
+    assert [n for n, g in groups.items() if g.prunable] == ["c.0"]  # softmax feeds it, its
+    prune_matches_preview(Odd(), torch.randn(4, 3, 8, 8))           # output is plain
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
+            return x
+        return -x
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gate, self.b, self.c = conv_bn(3, 4), Gate(), conv_bn(4, 5), conv_bn(5, 2)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(self.gate(F.relu(self.a(x))))))
+
+
+def test_untraceable_model_names_the_op_and_suggests_leaf_modules() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ChannelGraphError) as info:
+        aofp_ext.channel_groups(Untraceable(), x)
+    msg = str(info.value)
+    assert "gate (Gate)" in msg and "if x.sum() > 0:" in msg and "leaf_modules" in msg
+    groups = by_name(Untraceable(), x, leaf_modules=(Gate,))
+    assert "module 'gate' (Gate)" in groups["a.0"].reason
+    assert groups["b.0"].prunable
+
+
+# ---- masked_forward ------------------------------------------------------------------------------
+
+
+def test_masked_forward_leaves_the_model_alone() -> None:
+    model = calibrate(resnet20(), X32)
+    groups = by_name(model, X32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        assert torch.equal(aofp_ext.masked_forward(model, {}, X32), model(X32))
+        out = aofp_ext.masked_forward(model, {"layer1.1.conv1": [0, 3, 5]}, X32)
+    assert not torch.equal(out, model(X32))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert groups["layer1.1.conv1"].size == 16 and model.layer1[1].conv1.out_channels == 16
+
+
+def test_masked_forward_zeroes_at_the_mask_point() -> None:
+    model = calibrate(vgg16_cifar(), X32)
+    keep = torch.arange(0, 128, 2)
+    relu = model.features[4].relu
+    mask = torch.zeros(128)
+    mask[keep] = 1
+    handle = relu.register_forward_hook(lambda m, i, out: out * mask.view(1, -1, 1, 1))
+    with torch.no_grad():
+        manual = model(X32)
+        handle.remove()
+        torch.testing.assert_close(
+            aofp_ext.masked_forward(model, {"features.4.conv": keep}, X32), manual,
+            rtol=0, atol=0)
+
+
+def test_analysis_does_not_touch_a_training_model() -> None:
+    model = resnet20().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    aofp_ext.channel_groups(model, X32)
+    aofp_ext.count_flops(model, X32)
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ---- count_flops ------------------------------------------------------------------------------
+
+
+def resnet_hand_counts(n: int) -> tuple[int, int]:
+    macs = 32 * 32 * 9 * 3 * 16 + 64 * 10
+    params = 3 * 16 * 9 + 2 * 16 + 64 * 10 + 10
+    cin = 16
+    for planes, hw in ((16, 32), (32, 16), (64, 8)):
+        for _ in range(n):
+            macs += hw * hw * 9 * (cin * planes + planes * planes)
+            params += 9 * (cin * planes + planes * planes) + 4 * planes
+            cin = planes
+    return macs, params
+
+
+def test_count_flops_hand_counts() -> None:
+    assert aofp_ext.count_flops(resnet56(), X32[:1]) == resnet_hand_counts(9)
+    assert resnet_hand_counts(9)[0] == 125_485_696  # "about 125 M MACs"
+    assert aofp_ext.count_flops(resnet20(), X32[:1]) == resnet_hand_counts(3)
+    assert aofp_ext.count_flops(resnet20(), X32)[0] == 2 * resnet_hand_counts(3)[0]
+    # LeNet-5: 24*24*20*25 + 8*8*50*20*25 + 800*500 + 500*10
+    assert aofp_ext.count_flops(lenet5_bn(), torch.zeros(1, 1, 28, 28)) == (
+        2_293_000, 500 + 40 + 25_000 + 100 + 400_500 + 5_010)
+    widths = (3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+    hw = (32, 32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2)
+    vgg = sum(h * h * 9 * a * b for h, a, b in zip(hw, widths, widths[1:])) + 512 * 512 + 5120
+    assert aofp_ext.count_flops(vgg16_cifar(), X32[:1])[0] == vgg == 313_463_808
+
+
+def test_count_flops_depthwise() -> None:
+    m = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1))
+    assert aofp_ext.count_flops(m, torch.zeros(1, 8, 5, 5)) == (25 * 8 * 9 + 25 * 4 * 8,
+                                                                8 * 9 + 8 + 32 + 4)
+
+
+def test_group_names_are_stable_across_cuts() -> None:
+    model = calibrate(mobilenet_v2_cifar(width_mult=0.5), X32)
+    before = [g.name for g in aofp_ext.channel_groups(model, X32)]
+    aofp_ext.prune_channels_(model, {"blocks.3.block.6": torch.arange(0, 16, 3),
+                                     "blocks.5.block.0": [1, 2]})
+    after = aofp_ext.channel_groups(model, X32)
+    assert [g.name for g in after] == before
+    sizes = {g.name: g.size for g in after}
+    assert sizes["blocks.3.block.6"] == 6 and sizes["blocks.5.block.0"] == 2
+    assert re.fullmatch(r"blocks\.\d+\.block\.\d+", before[5])
