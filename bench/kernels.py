@@ -1,0 +1,221 @@
+"""Kernel microbenchmark: masks priced per second, fused kernels vs the authors' loop.
+
+For each follower shape and number of masks K, in one process, side by side:
+- loop: the authors' way, one masked follower forward per mask (conv -> norm -> post, the
+  squared difference against the unmasked output), in PyTorch, in whichever memory format
+  (NCHW or channels-last) is faster for that shape. Its cost is linear in K, so its rate is
+  measured on min(K, --loop-masks) masks.
+- masked_damage in each mode (fused: one pass over the K masks, nothing stored per mask);
+- gram: channel_gram + quadratic_damage (the exact damage of linear targets).
+Every kernel is checked against the loop on the same masks before it is timed; times are medians.
+
+    python bench/kernels.py                     # the full table, printed
+    python bench/kernels.py --out bench/results/kernels-cpu.md
+    python bench/kernels.py --quick             # a small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from aofp_ext import ops
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    N: int
+    C: int
+    HW: int
+    k: int = 3
+
+
+RESNET56 = (Shape("R56 16@32x32", 64, 16, 32), Shape("R56 32@16x16", 64, 32, 16),
+            Shape("R56 64@8x8", 64, 64, 8))
+VGG = (Shape("VGG 256@8x8", 64, 256, 8), Shape("VGG 512@4x4", 64, 512, 4))
+MODES = (("affine", "relu"), ("batch", "none"), ("batch", "relu"))
+
+
+@dataclass(frozen=True)
+class Config:
+    shapes: tuple[Shape, ...] = RESNET56 + VGG
+    ks: tuple[int, ...] = (16, 64, 256, 1024)
+    repeats: int = 3
+    loop_masks: int = 16
+    device: str = "cpu"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if times[-1] > 5.0:  # long runs: one is enough
+            break
+    return statistics.median(times)
+
+
+def make_inputs(s: Shape, K: int, device: str, gen: torch.Generator):
+    x = torch.randn(s.N, s.C, s.HW, s.HW, generator=gen).relu_().to(device)
+    w = (torch.randn(s.C, s.C, s.k, s.k, generator=gen) / (s.C * s.k * s.k) ** 0.5).to(device)
+    scale = (torch.rand(s.C, generator=gen) + 0.5).to(device)
+    shift = (torch.randn(s.C, generator=gen) * 0.1).to(device)
+    # AOFP attempts: each drops g = floor(C / 2) random filters
+    drop = torch.rand(K, s.C, generator=gen).argsort(dim=1)[:, : s.C // 2]
+    masks = torch.ones(K, s.C, dtype=torch.bool).scatter_(1, drop, False).to(device)
+    return x, w, masks, scale, shift
+
+
+def loop_damage(x, w, masks, scale, shift, norm, post, pad):
+    """The authors' way: one follower forward per mask."""
+
+    def f(inp):
+        y = F.conv2d(inp, w, padding=pad)
+        if norm == "affine":
+            y = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        elif norm == "batch":
+            y = F.batch_norm(y, None, None, scale, shift, training=True, eps=1e-5)
+        return torch.relu(y) if post == "relu" else y
+
+    base = f(x)
+    return torch.stack([((f(x * m.view(1, -1, 1, 1)) - base) ** 2).sum()
+                        for m in masks.to(x.dtype)])
+
+
+def check(name, got, want, rtol=1e-3):
+    err = float(((got.double() - want.double()).abs() / want.double().abs().clamp_min(1e-12)).max())
+    if err > rtol:
+        raise AssertionError(f"{name}: relative error {err:.2e} against the loop (> {rtol})")
+    return err
+
+
+def run(cfg: Config, quiet: bool = False) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for s in cfg.shapes:
+            pad = s.k // 2
+            for K in cfg.ks:
+                x, w, masks, scale, shift = make_inputs(s, K, cfg.device, gen)
+                row = {"shape": s.name, "K": K}
+                sub = masks[: min(K, cfg.loop_masks)]
+                # the loop, in its faster memory format (measured per mode below)
+                formats = (torch.contiguous_format, torch.channels_last)
+                for norm, post in MODES + (("affine", "none"),):
+                    key = f"{norm}+{post}"
+                    want = None
+                    best = float("inf")
+                    for fmt in formats:
+                        xf = x.contiguous(memory_format=fmt)
+                        t = median_time(lambda: loop_damage(xf, w, sub, scale, shift, norm, post, pad),
+                                        cfg.repeats, cfg.device)
+                        best = min(best, t)
+                        if want is None:
+                            want = loop_damage(xf, w, sub, scale, shift, norm, post, pad)
+                    row[f"loop {key}"] = len(sub) / best
+                    kw = dict(padding=pad, norm=norm, scale=scale, shift=shift, post=post)
+                    if (norm, post) == ("affine", "none"):
+                        def gram():
+                            G = ops.channel_gram(x, w, padding=pad, scale=scale)
+                            return ops.quadratic_damage(G, masks)
+                        check(f"{s.name} K={K} gram", gram()[: len(sub)], want)
+                        row["gram"] = K / median_time(gram, cfg.repeats, cfg.device)
+                    else:
+                        fused = lambda: ops.masked_damage(x, w, masks, **kw)  # noqa: E731
+                        check(f"{s.name} K={K} {key}", fused()[: len(sub)], want)
+                        row[f"fused {key}"] = K / median_time(fused, cfg.repeats, cfg.device)
+                rows.append(row)
+                if not quiet:
+                    print(format_row(row), flush=True)
+    return rows
+
+
+COLUMNS = [(f"fused {n}+{p}", f"loop {n}+{p}") for n, p in MODES] + [("gram", "loop affine+none")]
+
+
+def header() -> str:
+    cells = ["shape", "K"]
+    for fused, loop in COLUMNS:
+        label = fused.replace("fused ", "")
+        cells += [f"{label} masks/s", f"{label} loop", f"{label} x"]
+    return "| " + " | ".join(cells) + " |\n|" + "---|" * len(cells)
+
+
+def format_row(r: dict) -> str:
+    cells = [r["shape"], str(r["K"])]
+    for fused, loop in COLUMNS:
+        cells += [f"{r[fused]:,.0f}", f"{r[loop]:,.0f}", f"**{r[fused] / r[loop]:.1f}x**"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except Exception:  # pragma: no cover
+        model = platform.processor() or "unknown CPU"
+    return (f"{model}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+            f"Python {platform.python_version()}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="two small shapes, K in {16, 256}")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--loop-masks", type=int, default=16,
+                   help="masks the loop is timed on (its cost is linear in K)")
+    p.add_argument("--out", help="write the Markdown table to this file")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    cfg = Config(repeats=args.repeats, loop_masks=args.loop_masks, device=args.device)
+    if args.quick:
+        cfg = Config(shapes=(RESNET56[1], Shape("tiny 8@8x8", 8, 8, 8)), ks=(16, 256), repeats=1,
+                     loop_masks=8, device=args.device)
+    print(header())
+    t0 = time.perf_counter()
+    rows = run(cfg)
+    took = time.perf_counter() - t0
+    if args.out:
+        cmd = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+        with open(args.out, "w") as f:
+            f.write("# Kernel benchmark: masks priced per second\n\n")
+            f.write(f"- date: {datetime.date.today().isoformat()}\n")
+            f.write(f"- machine: {machine()}\n")
+            f.write(f"- command: `{cmd}` ({took:.0f} s)\n")
+            f.write("- columns: masks/s of the fused op, of the loop of masked follower forwards "
+                    "(PyTorch, faster of NCHW and channels-last, timed on "
+                    f"{cfg.loop_masks} masks), and their ratio. Each mask drops floor(C/2) "
+                    "random filters (an AOFP attempt). Modes: affine+relu (BN folded, ReLU), "
+                    "batch+none (BN on batch statistics, ResNet block), batch+relu (VGG in "
+                    "training mode); gram = channel_gram + quadratic_damage, the exact "
+                    "damage at a linear (affine+none) follower, against that loop.\n\n")
+            f.write(header() + "\n")
+            for r in rows:
+                f.write(format_row(r) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
