@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from os import PathLike
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-from .graph import _LAST_TRACE, ChannelGraphError, channel_groups, inputs_from_specs
+from .graph import ChannelGraphError, channel_groups, inputs_from_specs, last_trace
 from .surgery import prune_channels_, pruning_record
 
 __all__ = ["save", "load"]
@@ -21,7 +21,7 @@ def save(model: nn.Module, path: str | PathLike) -> None:
     """Store ``model`` as its keep-sets per group (relative to the original widths), the input
     shapes it is traced with, and its state dict. Loads with ``torch.load(weights_only=True)``."""
     record = pruning_record(model)
-    last = _LAST_TRACE.get(model)
+    last = last_trace(model)
     specs = record.input_specs if record else (last[0] if last else ())
     torch.save({
         "format": _FORMAT,

@@ -20,11 +20,12 @@ from __future__ import annotations
 import operator
 import traceback
 import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -281,11 +282,16 @@ class _Sources:
         return s
 
     def find(self, s: int) -> tuple[int, int]:
-        if self.parent[s] == s:
-            return s, 0
-        root, off = self.find(self.parent[s])
-        self.parent[s], self.offset[s] = root, self.offset[s] + off
-        return root, self.offset[s]
+        """``(root, offset of s in root)``, compressing the path."""
+        path = []
+        while self.parent[s] != s:
+            path.append(s)
+            s = self.parent[s]
+        root, off = s, 0
+        for t in reversed(path):  # nearest the root first
+            off += self.offset[t]
+            self.parent[t], self.offset[t] = root, off
+        return (root, self.offset[path[0]]) if path else (root, 0)
 
     def poison(self, s: int, reason: str) -> None:
         root, _ = self.find(s)
@@ -302,7 +308,7 @@ class _Sources:
             del self.reasons[root]
 
     def union(self, a: int, ca: int, b: int, cb: int, where: fx.Node) -> None:
-        """Channel ``ca`` of source ``a`` is channel ``cb`` of source ``b`` (and so on, run-wise)."""
+        """Channel ``ca`` of source ``a`` is channel ``cb`` of ``b`` (and so on, run-wise)."""
         ra, oa = self.find(a)
         rb, ob = self.find(b)
         pa, pb = oa + ca, ob + cb  # the same channel, in root coordinates
@@ -357,7 +363,7 @@ class _Analysis:
         return self.gm.get_submodule(node.target)
 
     def describe(self, node: fx.Node) -> str:
-        """``module 'layer1.0.conv1' (Conv2d)`` or ``'pad' (fx node 'pad_1' in layer3.0.shortcut)``."""
+        """``module 'layer1.0.conv1' (Conv2d)``, ``'pad' (fx node 'pad' in layer2.0.shortcut)``."""
         if node.op == "call_module":
             return f"module '{node.target}' ({type(self.module(node)).__name__})"
         scope = list(node.meta.get("nn_module_stack") or {})
@@ -616,9 +622,11 @@ class _Analysis:
 
     def getitem(self, node: fx.Node) -> None:
         src, out = _shape(node.args[0]), _shape(node)
-        if src is None:  # indexing a tuple or a shape
-            if out is not None and len(out) >= 2:
-                self.of(node)
+        if src is None:  # indexing a tuple (or a shape): tensors from an op we did not follow
+            if out is not None and len(out) >= 2 and isinstance(node.args[0], fx.Node):
+                what = self.describe(node.args[0])
+                self.layout[node] = self.new(node, out[1], f"{what} makes channels that are "
+                                                           "not followed")
             return
         idx = node.args[1]
         full = slice(None)
@@ -705,16 +713,24 @@ class _Analysis:
 # Public API
 # --------------------------------------------------------------------------------------------
 
-_LAST_TRACE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[type, ...]]]" = (
+Specs = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+_LAST_TRACE: weakref.WeakKeyDictionary[nn.Module, tuple[Specs, tuple[type, ...]]] = (
     weakref.WeakKeyDictionary())
 
 
-def input_specs(inputs: Inputs) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+def last_trace(model: nn.Module) -> tuple[Specs, tuple[type, ...]] | None:
+    """Input specs and leaf modules of the last analysis of ``model`` (held weakly)."""
+    return _LAST_TRACE.get(model)
+
+
+def input_specs(inputs: Inputs) -> Specs:
     """Shapes and dtypes of example inputs: all the analysis needs to re-trace a model."""
     return tuple((tuple(t.shape), t.dtype) for t in _as_tuple(inputs))
 
 
-def inputs_from_specs(specs: Iterable[tuple[Sequence[int], torch.dtype]]) -> tuple[torch.Tensor, ...]:
+def inputs_from_specs(specs: Iterable[tuple[Sequence[int], torch.dtype]],
+                      ) -> tuple[torch.Tensor, ...]:
+    """Zero tensors of the given shapes and dtypes (the analysis only needs their shapes)."""
     return tuple(torch.zeros(tuple(shape), dtype=dtype) for shape, dtype in specs)
 
 
@@ -825,12 +841,13 @@ def masked_forward(model: nn.Module, plan: Plan, *inputs: torch.Tensor,
     """
     analysis = analyze(model, inputs, leaf_modules)
     keeps = resolve_plan(analysis, plan)
-    at: dict[fx.Node, None] = {}
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
+    at: dict[fx.Node, None] = {}  # an ordered set
     for group in analysis.groups:
         if analysis.roots[group.name] not in keeps:
             continue
         if group.mask_point is not None:
-            at[next(n for n in analysis.gm.graph.nodes if n.name == group.mask_point)] = None
+            at[nodes[group.mask_point]] = None
         else:
             root = analysis.roots[group.name]
             for node, layout in analysis.consumed:

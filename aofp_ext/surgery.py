@@ -12,20 +12,29 @@ Every cut is remembered on the model (keep-sets relative to the original widths)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from . import ops
-from .graph import (_LAST_TRACE, ChannelGraphError, Inputs, Plan, analyze, axis_positions,
-                    input_specs, inputs_from_specs, resolve_plan)
+from .graph import (
+    ChannelGraphError,
+    Inputs,
+    Plan,
+    Specs,
+    analyze,
+    axis_positions,
+    input_specs,
+    inputs_from_specs,
+    last_trace,
+    resolve_plan,
+)
 
 __all__ = ["prune_channels_", "PruningRecord", "pruning_record"]
 
 _RECORD = "_aofp_pruning"
-Specs = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 
 
 @dataclass
@@ -86,7 +95,7 @@ def _set_attributes(module: nn.Module, role: str, n: int) -> None:
 
 def _trace_setup(model: nn.Module, example_inputs: Inputs | None,
                  leaf_modules: Iterable[type] | None) -> tuple[Specs, tuple[type, ...]]:
-    record, last = pruning_record(model), _LAST_TRACE.get(model)
+    record, last = pruning_record(model), last_trace(model)
     if example_inputs is not None:
         specs = input_specs(example_inputs)
     elif record is not None:

@@ -115,7 +115,8 @@ def random_plan(groups, generator: torch.Generator) -> dict[str, torch.Tensor]:
             n = int(torch.randint(1, g.size + 1, (), generator=generator))
             keep = set(torch.randperm(g.size, generator=generator)[:n].tolist())
             for s in g.producers:
-                if s.role == "out" and not keep & set(range(s.group_start, s.group_start + s.length)):
-                    keep.add(s.group_start + int(torch.randint(s.length, (), generator=generator)))
+                own = range(s.group_start, s.group_start + s.length)
+                if s.role == "out" and not keep & set(own):
+                    keep.add(own[int(torch.randint(s.length, (), generator=generator))])
             plan[g.name] = torch.tensor(sorted(keep))
     return plan

@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _nets import CatNet, FlattenNet, ProjectionNet, calibrate, conv_bn, random_plan
 
 import aofp_ext
 from aofp_ext.graph import ChannelGraphError, ChannelSlot
 from aofp_ext.models import lenet5_bn, mobilenet_v2_cifar, resnet20, resnet56, vgg16_cifar
-
-from _nets import CatNet, FlattenNet, ProjectionNet, calibrate, conv_bn, random_plan
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

@@ -10,12 +10,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _nets import data_dir
 
 import aofp_ext
 from aofp_ext.data import DataFormatError, cifar10, read_cifar10, read_cifar10_batch, read_idx
 from aofp_ext.models import load_pretrained, resnet20, resnet56
-
-from _nets import data_dir
 
 CIFAR = data_dir() / "cifar10-subset" / "cifar-10-batches-py"
 WEIGHTS = data_dir() / "weights"

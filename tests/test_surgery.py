@@ -4,19 +4,18 @@ optimizer state, (c) MACs as hand-computed, (d) save/load, (e) torch.export."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
 import torch.nn as nn
+from _nets import CatNet, FlattenNet, ProjectionNet, calibrate, random_plan
 
 import aofp_ext
 from aofp_ext.graph import ChannelGraphError
 from aofp_ext.models import lenet5_bn, mobilenet_v2_cifar, resnet56, vgg16_cifar
 from aofp_ext.surgery import pruning_record
-
-from _nets import CatNet, FlattenNet, ProjectionNet, calibrate, random_plan
 
 Plan = dict[str, torch.Tensor]
 
@@ -76,7 +75,7 @@ def mobilenet_macs(model: nn.Module) -> Callable[[Plan, dict[str, int]], int]:
             hw_out = hw // convs[-2].stride[0]
             if expand:
                 macs += hw * hw * width(cur) * width(hidden)
-            macs += hw_out * hw_out * 9 * width(hidden) + hw_out * hw_out * width(hidden) * width(out)
+            macs += hw_out * hw_out * width(hidden) * (9 + width(out))  # depthwise, project
             hw, cur = hw_out, out
         return macs + hw * hw * width(cur) * width("head.0") + width("head.0") * 10
     return count
@@ -154,8 +153,10 @@ def pruned(request) -> Pruned:
     model = case.build()
     x = torch.randn(case.shape)
     calibrate(model, x)
-    opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if request.param in ("vgg16", "cat_flatten")
-           else torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
+    if request.param in ("vgg16", "cat_flatten"):
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     for p in model.parameters():  # one step, so that the optimizer has state
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()

@@ -9,7 +9,7 @@ __all__ = ["LeNet5BN", "lenet5_bn"]
 
 
 class LeNet5BN(nn.Module):
-    """conv5x5(20) BN ReLU pool -> conv5x5(50) BN ReLU pool -> flatten (50*4*4) -> 500 -> ReLU -> 10.
+    """conv5x5(20) BN ReLU pool -> conv5x5(50) BN ReLU pool -> flatten (800) -> 500 -> ReLU -> 10.
 
     Each of conv2's 50 channels owns a block of 16 inputs of ``fc1``.
     """

@@ -1,4 +1,4 @@
-"""VGG-16 for CIFAR as in the AOFP authors' code: 13 conv + BN + ReLU, then 512 -> 512 -> classes."""
+"""VGG-16 for CIFAR as in the AOFP authors' code: 13 conv + BN + ReLU, then 512 -> 512 -> 10."""
 
 from __future__ import annotations
 
