@@ -59,7 +59,7 @@ def load(model: nn.Module, path: str | PathLike, *,
             if not isinstance(dtype, torch.dtype):
                 raise ChannelGraphError(f"{path}: unknown input dtype {spec['dtype']!r}")
             specs.append((tuple(spec["shape"]), dtype))
-        inputs = inputs_from_specs(specs)
+        inputs = inputs_from_specs(specs, model)
         groups = {g.name: g for g in channel_groups(model, inputs, leaf_modules=leaf_modules)}
         for name, size in payload["sizes"].items():
             if name not in groups or groups[name].size != size:

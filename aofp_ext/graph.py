@@ -163,7 +163,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: tuple[type, ...]):
         super().__init__()
         self.leaf_types = leaf_modules
-        self.failed_in: str | None = None
+        self.failed_in: tuple[str, str] | None = None  # (qualified name, type name)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
@@ -173,7 +173,7 @@ class _Tracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
-                self.failed_in = f"{self.path_of_module(m) or '<root>'} ({type(m).__name__})"
+                self.failed_in = (self.path_of_module(m) or "<root>", type(m).__name__)
             raise
 
 
@@ -193,13 +193,20 @@ def _trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:
-        where = tracer.failed_in or f"{type(model).__name__}.forward"
+        cause = f"at {_user_frame(exc)} ({type(exc).__name__}: {exc})"
+        if tracer.failed_in is None:
+            fix = ("Make that forward traceable (no Python control flow on tensor values), or "
+                   "move the failing code into a submodule and pass its class in leaf_modules "
+                   "(the channels it touches then count as not prunable).")
+            where = f"the forward of {type(model).__name__}"
+        else:
+            name, kind = tracer.failed_in
+            where = f"module '{name}' ({kind})"
+            fix = (f"Make that module a leaf: channel_groups(model, inputs, leaf_modules=({kind},))"
+                   " -- the channels it touches then count as not prunable -- or make its forward "
+                   "traceable (no Python control flow on tensor values).")
         raise ChannelGraphError(
-            f"torch.fx cannot trace {type(model).__name__}: it fails in {where} at "
-            f"{_user_frame(exc)} ({type(exc).__name__}: {exc}). Make that module a leaf, "
-            "e.g. channel_groups(model, inputs, leaf_modules=(ThatModule,)) -- the channels it "
-            "touches then count as not prunable -- or make its forward traceable (no Python "
-            "control flow on tensor values)."
+            f"torch.fx cannot trace {type(model).__name__}: it fails in {where} {cause}. {fix}"
         ) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
@@ -729,9 +736,12 @@ def input_specs(inputs: Inputs) -> Specs:
 
 
 def inputs_from_specs(specs: Iterable[tuple[Sequence[int], torch.dtype]],
-                      ) -> tuple[torch.Tensor, ...]:
-    """Zero tensors of the given shapes and dtypes (the analysis only needs their shapes)."""
-    return tuple(torch.zeros(tuple(shape), dtype=dtype) for shape, dtype in specs)
+                      model: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+    """Zero tensors of the given shapes and dtypes, on ``model``'s device (the analysis only
+    needs their shapes)."""
+    param = next(iter(model.parameters()), None) if model is not None else None
+    device = param.device if param is not None else torch.device("cpu")
+    return tuple(torch.zeros(tuple(shape), dtype=dtype, device=device) for shape, dtype in specs)
 
 
 def analyze(model: nn.Module, example_inputs: Inputs,

@@ -134,7 +134,7 @@ def prune_channels_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimiz
             is checked before the first tensor is cut.
     """
     specs, leaf = _trace_setup(model, example_inputs, leaf_modules)
-    analysis = analyze(model, inputs_from_specs(specs), leaf)
+    analysis = analyze(model, inputs_from_specs(specs, model), leaf)
     keeps = resolve_plan(analysis, plan)
     cuts = []
     for axis in analysis.axes:

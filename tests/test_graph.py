@@ -221,7 +221,8 @@ def test_untraceable_model_names_the_op_and_suggests_leaf_modules() -> None:
     with pytest.raises(ChannelGraphError) as info:
         aofp_ext.channel_groups(Untraceable(), x)
     msg = str(info.value)
-    assert "gate (Gate)" in msg and "if x.sum() > 0:" in msg and "leaf_modules" in msg
+    assert "module 'gate' (Gate)" in msg and "if x.sum() > 0:" in msg
+    assert "leaf_modules=(Gate,)" in msg
     groups = by_name(Untraceable(), x, leaf_modules=(Gate,))
     assert "module 'gate' (Gate)" in groups["a.0"].reason
     assert groups["b.0"].prunable
