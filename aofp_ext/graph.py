@@ -457,6 +457,18 @@ class _Analysis:
                 self.visit_function(node)
             elif node.op == "call_method":
                 self.visit_method(node)
+        self.shared_parameters()
+
+    def shared_parameters(self) -> None:
+        """Modules that share a Parameter (tied weights) would be cut twice: not prunable."""
+        owner: dict[int, str] = {}
+        for name in self.calls:
+            for p in self.gm.get_submodule(name).parameters(recurse=False):
+                other = owner.setdefault(id(p), name)
+                if other != name:
+                    reason = f"modules '{other}' and '{name}' share a parameter"
+                    for layout in (*self.calls[other], *self.calls[name]):
+                        self.poison(layout, reason)
 
     def passthrough(self, node: fx.Node, zero: bool, act: bool = False) -> None:
         layout = self.of(node.args[0]) if node.args else None
@@ -777,7 +789,8 @@ def channel_groups(model: nn.Module, example_inputs: Inputs, *,
 
 
 def keep_index(keep: Any, group: ChannelGroup) -> torch.Tensor:
-    """Validate a keep-set for ``group``: sorted, unique, in range, non-empty; int64 on CPU."""
+    """Validate a keep-set for ``group`` (unique, in range, non-empty) and return it sorted,
+    int64, on the CPU."""
     if not group.prunable:
         raise ChannelGraphError(f"channel group '{group.name}' is not prunable: {group.reason}")
     k = torch.as_tensor(keep).detach()

@@ -200,6 +200,15 @@ def test_reasons_name_the_op() -> None:
     prune_matches_preview(Odd(), torch.randn(4, 3, 8, 8))           # output is plain
 
 
+def test_tied_weights_are_not_cut() -> None:
+    model = nn.Sequential(conv_bn(3, 4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    model[4].weight = model[2].weight
+    groups = by_name(model, torch.randn(2, 3, 8, 8))
+    assert "modules '2' and '4' share a parameter" in groups["0.0"].reason
+    assert not groups["2"].prunable and not groups["4"].prunable
+
+
 class Gate(nn.Module):
     def forward(self, x):
         if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
