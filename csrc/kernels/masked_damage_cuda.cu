@@ -12,11 +12,13 @@
 //   and reduces (relu(s*(y - d) + t) - relu(s*y + t))^2 per mask at once.
 // * norm batch: BN removes each output channel's mean, so Z is first centred per (c, o)
 //   (Z' = Z - mean over the positions; d' = R Z' is d minus a constant per (k, o)); one fused
-//   pass gathers, per (k, o), S_d = sum d', S_ud = sum u d', S_dd = sum d'^2 with u the
-//   centred base output; the statistics of every masked output follow, and the damage either in
-//   closed form (post none) or from a second fused pass that applies each mask's own
-//   normalisation and the relu (post relu). Centring keeps var(d) and cov(u, d) free of the
-//   cancellation that raw sums of large-mean activations would suffer.
+//   pass gathers, per (k, o), S_d = sum d', S_ud = sum u d', S_dd = sum d'^2 and
+//   S_vv = sum (u - d')^2 with u the centred base output; the statistics of every masked
+//   output follow (its variance from S_vv directly), and the damage either in closed form
+//   (post none, the two regimes of the CPU kernel) or from a second fused pass that applies each
+//   mask's own normalisation and the relu (post relu). Centring keeps the sums free of the
+//   cancellation that raw sums of large-mean activations would suffer. A mask that removes
+//   nothing gets exactly 0; one that removes everything leaves the bias alone (BN gives shift).
 //
 // The fused kernel is an FP32 SIMT GEMM: 128 (masks) x 128 (positions of one output channel)
 // tiles, 16 channels per step, double-buffered in shared memory, 8 x 8 outputs per thread. The
@@ -41,6 +43,7 @@ constexpr int BM = 128;  // masks per tile
 constexpr int BN = 128;  // positions per tile (one output channel)
 constexpr int BK = 16;   // channels per step
 constexpr int kFlushTiles = 4;
+constexpr int kStatsPer = 4;  // kStats sums per (k, o): d, u d, d^2, (u - d)^2
 
 enum Mode : int { kLinear = 0, kRelu = 1, kStats = 2, kBnRelu = 3 };
 
@@ -56,7 +59,7 @@ struct FusedArgs {
   const float* o_add;   // (O): kBnRelu: c_base
   const float* ko_mul;  // (K, O): kBnRelu: a_k
   const float* ko_add;  // (K, O): kBnRelu: c_k
-  double* out;          // kStats: (K, O, 3); others: (K)
+  double* out;          // kStats: (K, O, kStatsPer); others: (K)
 };
 
 __device__ __forceinline__ float4 ldg4(const float* p) {
@@ -68,8 +71,8 @@ __device__ __forceinline__ float4 ldg4(const float* p) {
 __device__ __forceinline__ int tile_index(int t, int i) { return (i & 3) + t * 4 + (i >> 2) * 64; }
 
 template <int MODE>
-__global__ void __launch_bounds__(kThreads, 2) fused_kernel(const FusedArgs a) {
-  constexpr int NS = MODE == kStats ? 3 : 1;
+__global__ void __launch_bounds__(kThreads, MODE == kStats ? 1 : 2) fused_kernel(const FusedArgs a) {
+  constexpr int NS = MODE == kStats ? kStatsPer : 1;
   __shared__ __align__(16) float As[2][BK][BM];
   __shared__ __align__(16) float Bs[2][BK][BN];
   __shared__ double sstat[BM][NS];
@@ -214,18 +217,21 @@ __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const FusedArgs a) {
       } else if (MODE == kStats) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          float s0 = 0.f, s1 = 0.f, s2 = 0.f;
+          float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
             const float d = cv[j] ? acc[i][j] : 0.f;
             const float u = cv[j] ? yv[j] : 0.f;
+            const float v = __fsub_rn(u, d);  // the masked output, up to a constant
             s0 += d;
             s1 = __fmaf_rn(u, d, s1);
             s2 = __fmaf_rn(d, d, s2);
+            s3 = __fmaf_rn(v, v, s3);
           }
           sacc[i][0] += s0;
           sacc[i][1] += s1;
           sacc[i][2] += s2;
+          sacc[i][3] += s3;
         }
       } else {  // kBnRelu: relu(a_k (u - d) + c_k) - relu(a u + c)
         const float am = __ldg(a.o_mul + o), cb = __ldg(a.o_add + o);
@@ -278,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const FusedArgs a) {
           const int64_t k = k0 + r;
 #pragma unroll
           for (int s = 0; s < NS; ++s) {
-            if (k < a.K) atomicAdd(a.out + (k * a.O + o) * 3 + s, sstat[r][s]);
+            if (k < a.K) atomicAdd(a.out + (k * a.O + o) * kStatsPer + s, sstat[r][s]);
             sstat[r][s] = 0.0;
           }
         }
@@ -340,8 +346,7 @@ __global__ void to_float_kernel(const double* s, int64_t n, float* out) {
     out[i] = float(s[i]);
 }
 
-// BatchNorm gain: the same expression for the base output and every masked one, so an all-keep
-// mask (whose variance comes out bit-identical) gets bit-identical gains.
+// BatchNorm gain scale / sqrt(var + eps), in float64.
 __device__ __forceinline__ double bn_gain(double scale, double var, double eps) {
   return scale / sqrt(var + eps);
 }
@@ -363,55 +368,103 @@ __global__ void bn_base_kernel(const double* su, const double* suu, int64_t O, d
   }
 }
 
-// Statistics of masked output (k, o): with S = (sum d', sum u d', sum d'^2),
-// md = mean d', swd = sum (u - mean u) d', var_k = var_y - 2 swd / P + S_dd / P - md^2.
+// What a mask removes: 1 = nothing (damage exactly 0), 2 = every channel (the output is the bias
+// alone: BN gives `shift`), 0 = some.
+__global__ void mask_kind_kernel(const uint8_t* masks, int64_t k0, int64_t nk, int64_t C,
+                                 uint8_t* kind) {
+  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < nk;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    const uint8_t* m = masks + (k0 + k) * C;
+    bool any_keep = false, any_drop = false;
+    for (int64_t c = 0; c < C && !(any_keep && any_drop); ++c) {
+      if (__ldg(m + c)) any_keep = true; else any_drop = true;
+    }
+    kind[k] = !any_drop ? 1 : (!any_keep ? 2 : 0);
+  }
+}
+
+// Statistics of masked output (k, o) from the sums S = (d', u d', d'^2, (u - d')^2), u the
+// centred base output (mean mean_u), d' the centred removed part: with e = d' - mean d' and
+// w = u - mean_u, the masked output is centred v = w - e. Its variance comes from the direct
+// sum of (u - d')^2, not from var_y - 2 cov + var_d, which cancels when a mask removes most of
+// the variance.
 struct MaskStats {
-  double md, swd, sdd_c, var_k;
+  double md;     // mean d'
+  double swe;    // sum w e
+  double see;    // sum e^2
+  double svv;    // sum v^2 = P var_k
+  double var_k;
 };
-__device__ __forceinline__ MaskStats mask_stats(const double* s3, double P, double mean_u,
-                                                double var_y) {
+__device__ __forceinline__ MaskStats mask_stats(const double* s4, double P, double mean_u) {
   MaskStats m;
-  const double sd = s3[0], sud = s3[1], sdd = s3[2];
+  const double sd = s4[0], sud = s4[1], sdd = s4[2], s_vv = s4[3];
   m.md = sd / P;
-  m.swd = sud - mean_u * sd;
-  m.sdd_c = sdd - sd * m.md;  // sum (d' - md)^2
-  double v = var_y - 2.0 * m.swd / P + sdd / P - m.md * m.md;
-  m.var_k = v < 0.0 ? 0.0 : v;
+  m.swe = sud - mean_u * sd;
+  const double see = sdd - sd * m.md;
+  m.see = see < 0.0 ? 0.0 : see;
+  const double mv = mean_u - m.md;  // mean of u - d'
+  const double svv = s_vv - P * mv * mv;
+  m.svv = svv < 0.0 ? 0.0 : svv;
+  m.var_k = m.svv / P;
   return m;
 }
 
-// post = none: damage_ko = sum_p ((a_k - a) w - a_k e)^2
-//   = (a_k - a)^2 P var_y - 2 a_k (a_k - a) swd + a_k^2 sum e^2, summed over o in float64.
-__global__ void bn_none_kernel(const double* st, int64_t nk, int64_t O, double P,
-                               const double* mean_u, const double* var_y, const float* scale,
-                               double eps, float* damage) {
+// post = none: damage_ko = sum (a_k v - a w)^2, expanded two ways, each free of cancellation in
+// its own regime (as the CPU kernel does):
+//   near the base (|a_k| <= 2|a|): (a_k - a)^2 P var_y - 2 a_k (a_k - a) sum we + a_k^2 sum e^2
+//   far from it:                    a_k^2 sum v^2 - 2 a a_k (P var_y - sum we) + a^2 P var_y
+// summed over o in float64, one thread per mask (deterministic).
+__global__ void bn_none_kernel(const double* st, const uint8_t* kind, int64_t nk, int64_t O,
+                               double P, const double* mean_u, const double* var_y,
+                               const float* scale, double eps, float* damage) {
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < nk;
        k += int64_t(gridDim.x) * blockDim.x) {
     double total = 0.0;
-    for (int64_t o = 0; o < O; ++o) {
-      const MaskStats m = mask_stats(st + (k * O + o) * 3, P, mean_u[o], var_y[o]);
-      const double s = double(scale[o]);
-      const double a = bn_gain(s, var_y[o], eps), ak = bn_gain(s, m.var_k, eps);
-      const double da = ak - a;
-      double dmg = da * da * (P * var_y[o]) - 2.0 * ak * da * m.swd + ak * ak * m.sdd_c;
-      dmg = dmg < 0.0 ? 0.0 : dmg;  // a sum of squares (NaN passes through)
-      total += dmg;
+    if (kind[k] != 1) {
+      for (int64_t o = 0; o < O; ++o) {
+        const double s = double(scale[o]), vy = var_y[o];
+        const double a = bn_gain(s, vy, eps);
+        if (kind[k] == 2) {
+          total += a * a * P * vy;  // the output is `shift` everywhere
+          continue;
+        }
+        const MaskStats m = mask_stats(st + (k * O + o) * kStatsPer, P, mean_u[o]);
+        const double ak = bn_gain(s, m.var_k, eps);
+        double dmg;
+        if (fabs(ak) <= 2.0 * fabs(a)) {
+          dmg = (ak - a) * (ak - a) * P * vy - 2.0 * ak * (ak - a) * m.swe + ak * ak * m.see;
+        } else {
+          dmg = ak * ak * m.svv - 2.0 * a * ak * (P * vy - m.swe) + a * a * P * vy;
+        }
+        total += dmg < 0.0 ? 0.0 : dmg;  // a sum of squares (NaN passes through)
+      }
     }
     damage[k] = float(total);
   }
 }
 
-// post = relu: per (k, o) slope a_k and offset c_k = a_k (md - mean_u) + shift.
-__global__ void bn_relu_coef_kernel(const double* st, int64_t nk, int64_t O, double P,
-                                    const double* mean_u, const double* var_y, const float* scale,
-                                    const float* shift, double eps, float* ak_f, float* ck_f) {
+// post = relu: per (k, o) slope a_k and offset c_k of the masked output a_k (u - d') + c_k,
+// c_k = a_k (mean d' - mean_u) + shift; the base coefficients for a mask that removes nothing
+// (so its damage is exactly 0), slope 0 and offset shift for one that removes everything.
+__global__ void bn_relu_coef_kernel(const double* st, const uint8_t* kind, int64_t nk, int64_t O,
+                                    double P, const double* mean_u, const float* a_f,
+                                    const float* cb_f, const float* scale, const float* shift,
+                                    double eps, float* ak_f, float* ck_f) {
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < nk * O;
        idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t o = idx % O;
-    const MaskStats m = mask_stats(st + idx * 3, P, mean_u[o], var_y[o]);
-    const float akf = float(bn_gain(double(scale[o]), m.var_k, eps));
-    ak_f[idx] = akf;
-    ck_f[idx] = __fmaf_rn(akf, float(m.md - mean_u[o]), shift[o]);
+    const int64_t k = idx / O, o = idx - k * O;
+    if (kind[k] == 1) {
+      ak_f[idx] = a_f[o];
+      ck_f[idx] = cb_f[o];
+    } else if (kind[k] == 2) {
+      ak_f[idx] = 0.f;
+      ck_f[idx] = shift[o];
+    } else {
+      const MaskStats m = mask_stats(st + idx * kStatsPer, P, mean_u[o]);
+      const float akf = float(bn_gain(double(scale[o]), m.var_k, eps));
+      ak_f[idx] = akf;
+      ck_f[idx] = __fmaf_rn(akf, float(m.md - mean_u[o]), shift[o]);
+    }
   }
 }
 
@@ -430,7 +483,8 @@ struct Plan {
   float* yb = nullptr;      // (O, ldp)
   float* rT = nullptr;      // (C, ldk)
   double* acc = nullptr;    // (Kc)
-  double* st = nullptr;     // (Kc, O, 3)
+  double* st = nullptr;     // (Kc, O, kStatsPer)
+  uint8_t* kind = nullptr;  // (Kc)
   double* gd = nullptr;     // (C, C)
   double* zsum = nullptr;   // (C * O)
   float* zbar = nullptr;    // (C * O)
@@ -472,7 +526,7 @@ Plan make_plan(const MaskedDamageParams& p, const Budget& b, void* base) {
   if (pl.mode != kLinear) pl.yb = cv.take<float>(O * pl.pc.ldp);
 
   int64_t per_mask = C * int64_t(sizeof(float)) + int64_t(sizeof(double));
-  if (pl.batch) per_mask += O * (3 * int64_t(sizeof(double)) + 2 * int64_t(sizeof(float)));
+  if (pl.batch) per_mask += 1 + O * (kStatsPer * int64_t(sizeof(double)) + 2 * int64_t(sizeof(float)));
   int64_t kc = std::max<int64_t>(BM, b.mask_bytes / per_mask);
   if (kc < K) kc = kc / BM * BM;
   pl.Kc = std::min(K, kc);
@@ -481,7 +535,8 @@ Plan make_plan(const MaskedDamageParams& p, const Budget& b, void* base) {
   pl.rT = cv.take<float>(C * pl.ldk);
   pl.acc = cv.take<double>(pl.Kc);
   if (pl.batch) {
-    pl.st = cv.take<double>(pl.Kc * O * 3);
+    pl.st = cv.take<double>(pl.Kc * O * kStatsPer);
+    pl.kind = cv.take<uint8_t>(pl.Kc);
     pl.zsum = cv.take<double>(C * O);
     pl.zbar = cv.take<float>(C * O);
     pl.su = cv.take<double>(O);
@@ -617,7 +672,9 @@ cudaError_t masked_damage(const MaskedDamageParams& p, void* workspace, size_t w
     }
 
     // Pass 1: per (k, o) sums of d', u d', d'^2 (and, once, the sums of u for var(y)).
-    AOFP_CUDA_TRY(cudaMemsetAsync(pl.st, 0, size_t(nk * O * 3) * sizeof(double), stream));
+    AOFP_CUDA_TRY(cudaMemsetAsync(pl.st, 0, size_t(nk * O * kStatsPer) * sizeof(double), stream));
+    mask_kind_kernel<<<detail::grid_for(nk), kThreads, 0, stream>>>(p.masks, k0, nk, C, pl.kind);
+    AOFP_CUDA_TRY(cudaGetLastError());
     fa.out = pl.st;
     fa.o_mul = fa.o_add = fa.ko_mul = fa.ko_add = nullptr;
     for (int64_t i = 0; i < pc.n; ++i) {
@@ -637,14 +694,15 @@ cudaError_t masked_damage(const MaskedDamageParams& p, void* workspace, size_t w
     }
     if (p.post == Post::None) {
       bn_none_kernel<<<detail::grid_for(nk, 128), 128, 0, stream>>>(
-          pl.st, nk, O, Pd, pl.mean_u, pl.var_y, p.scale, p.eps, p.damage + k0);
+          pl.st, pl.kind, nk, O, Pd, pl.mean_u, pl.var_y, p.scale, p.eps, p.damage + k0);
       AOFP_CUDA_TRY(cudaGetLastError());
       continue;
     }
 
     // Pass 2 (post relu): each mask's own normalisation, then the clipped squared differences.
     bn_relu_coef_kernel<<<detail::grid_for(nk * O), kThreads, 0, stream>>>(
-        pl.st, nk, O, Pd, pl.mean_u, pl.var_y, p.scale, p.shift, p.eps, pl.ak_f, pl.ck_f);
+        pl.st, pl.kind, nk, O, Pd, pl.mean_u, pl.a_f, pl.cb_f, p.scale, p.shift, p.eps, pl.ak_f,
+        pl.ck_f);
     AOFP_CUDA_TRY(cudaGetLastError());
     AOFP_CUDA_TRY(cudaMemsetAsync(pl.acc, 0, size_t(nk) * sizeof(double), stream));
     fa.out = pl.acc;
