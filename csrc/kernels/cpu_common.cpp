@@ -10,7 +10,8 @@ void serial_for(int64_t begin, int64_t end, int64_t /*grain*/,
 namespace cpu {
 
 namespace {
-constexpr int64_t kSyrkChunk = 512;  // columns per float partial sum
+constexpr int64_t kSyrkChunk = 4096;  // columns per chunk of X kept in cache
+constexpr int64_t kFloatRun = 512;    // columns per float partial sum (float64 across)
 
 AOFP_INLINE void dot4x4(const float* const* a, const float* const* b, int64_t n, float* out) {
   float s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
@@ -40,31 +41,55 @@ AOFP_INLINE float dot1(const float* a, const float* b, int64_t n) {
 }
 }  // namespace
 
-AOFP_HOT void syrk_lower_rows(const float* X, int64_t R, int64_t L, int64_t ld, int64_t i0,
-                              int64_t i1, double* G) {
-  for (int64_t ib = i0; ib < i1; ib += 4) {
-    const int64_t ni = std::min<int64_t>(4, i1 - ib);
-    for (int64_t jb = 0; jb <= ib; jb += 4) {
-      const int64_t nj = std::min<int64_t>(4, R - jb);
-      for (int64_t l0 = 0; l0 < L; l0 += kSyrkChunk) {
-        const int64_t ln = std::min(kSyrkChunk, L - l0);
-        float s[16];
-        if (ni == 4 && nj == 4) {
-          const float* a[4] = {X + ib * ld + l0, X + (ib + 1) * ld + l0, X + (ib + 2) * ld + l0,
-                               X + (ib + 3) * ld + l0};
-          const float* b[4] = {X + jb * ld + l0, X + (jb + 1) * ld + l0, X + (jb + 2) * ld + l0,
-                               X + (jb + 3) * ld + l0};
-          dot4x4(a, b, ln, s);
-        } else {
-          for (int64_t u = 0; u < ni; ++u)
-            for (int64_t v = 0; v < nj; ++v)
-              s[u * 4 + v] = dot1(X + (ib + u) * ld + l0, X + (jb + v) * ld + l0, ln);
-        }
+// The 4x4 blocks (ib, jb), jb <= ib, of rows [0, R), in a fixed order.
+AOFP_HOT void syrk_blocks(const float* X, int64_t R, int64_t ld, int64_t l0, int64_t ln,
+                          const int32_t* pairs, int64_t p0, int64_t p1, double* G) {
+  for (int64_t q = p0; q < p1; ++q) {
+    const int64_t ib = int64_t(pairs[2 * q]) * 4, jb = int64_t(pairs[2 * q + 1]) * 4;
+    const int64_t ni = std::min<int64_t>(4, R - ib), nj = std::min<int64_t>(4, R - jb);
+    double acc[16] = {0};
+    for (int64_t m0 = l0; m0 < l0 + ln; m0 += kFloatRun) {
+      const int64_t mn = std::min(kFloatRun, l0 + ln - m0);
+      float s[16];
+      if (ni == 4 && nj == 4) {
+        const float* a[4] = {X + ib * ld + m0, X + (ib + 1) * ld + m0, X + (ib + 2) * ld + m0,
+                             X + (ib + 3) * ld + m0};
+        const float* b[4] = {X + jb * ld + m0, X + (jb + 1) * ld + m0, X + (jb + 2) * ld + m0,
+                             X + (jb + 3) * ld + m0};
+        dot4x4(a, b, mn, s);
+      } else {
         for (int64_t u = 0; u < ni; ++u)
           for (int64_t v = 0; v < nj; ++v)
-            if (jb + v <= ib + u) G[(ib + u) * R + (jb + v)] += double(s[u * 4 + v]);
+            s[u * 4 + v] = dot1(X + (ib + u) * ld + m0, X + (jb + v) * ld + m0, mn);
       }
+      for (int i = 0; i < 16; ++i) acc[i] += double(s[i]);
     }
+    for (int64_t u = 0; u < ni; ++u)
+      for (int64_t v = 0; v < nj; ++v)
+        if (jb + v <= ib + u) G[(ib + u) * R + (jb + v)] += acc[u * 4 + v];
+  }
+}
+
+void syrk_lower(const float* X, int64_t R, int64_t L, int64_t ld, double* G,
+                const ParallelFor& pfor) {
+  if (R == 0 || L == 0) return;
+  const int64_t nb = ceil_div(R, 4);
+  std::vector<int32_t> pairs;
+  pairs.reserve(size_t(nb * (nb + 1)));
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t j = 0; j <= i; ++j) {
+      pairs.push_back(int32_t(i));
+      pairs.push_back(int32_t(j));
+    }
+  const int64_t npairs = int64_t(pairs.size() / 2);
+  // A chunk of all R rows stays within about 256 KiB.
+  int64_t w = std::max<int64_t>(16, std::min<int64_t>(kSyrkChunk, (int64_t(1) << 16) / R));
+  w -= w % 16;
+  for (int64_t l0 = 0; l0 < L; l0 += w) {
+    const int64_t ln = std::min(w, L - l0);
+    pfor(0, npairs, 1, [&](int64_t p0, int64_t p1) {
+      syrk_blocks(X, R, ld, l0, ln, pairs.data(), p0, p1, G);
+    });
   }
 }
 

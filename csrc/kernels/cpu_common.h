@@ -24,43 +24,68 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The output positions [q0, q0 + n) of the follower, flattened over (n, ho, wo), as im2col rows:
 // cols[(c * KH*KW + kk) * ld + j] = x[n, c, ih, iw] (0 outside the input), for c in [c0, c1).
+// Positions are kept as runs along wo (same n and ho), so each run of a row is one strided
+// (for stride 1 and unit W stride: contiguous) copy with zero fill at the borders.
 struct PositionRange {
+  struct Run {
+    int64_t j = 0, len = 0;   // first position in the range, positions in the run
+    int64_t xoff = 0;         // n * xs[0]
+    int64_t ih0 = 0;          // ho * stride_h - pad_h
+    int64_t iw0 = 0;          // wo_first * stride_w - pad_w
+  };
   int64_t q0 = 0, n = 0;
-  std::vector<int64_t> xoff;   // per position: n * xs[0]
-  std::vector<int64_t> ih0;    // per position: ho * stride_h - pad_h
-  std::vector<int64_t> iw0;    // per position: wo * stride_w - pad_w
+  std::vector<Run> runs;
 
   void set(const ConvGeom& g, int64_t q_begin, int64_t count) {
     q0 = q_begin;
     n = count;
-    xoff.resize(count);
-    ih0.resize(count);
-    iw0.resize(count);
+    runs.clear();
     const int64_t hw = g.HO * g.WO;
-    for (int64_t j = 0; j < count; ++j) {
+    for (int64_t j = 0; j < count;) {
       const int64_t q = q_begin + j;
-      const int64_t nn = q / hw, r = q % hw;
-      xoff[j] = nn * g.xs[0];
-      ih0[j] = (r / g.WO) * g.stride_h - g.pad_h;
-      iw0[j] = (r % g.WO) * g.stride_w - g.pad_w;
+      const int64_t nn = q / hw, r = q % hw, ho = r / g.WO, wo = r % g.WO;
+      Run run;
+      run.j = j;
+      run.len = std::min(g.WO - wo, count - j);
+      run.xoff = nn * g.xs[0];
+      run.ih0 = ho * g.stride_h - g.pad_h;
+      run.iw0 = wo * g.stride_w - g.pad_w;
+      runs.push_back(run);
+      j += run.len;
     }
   }
 };
 
 inline void im2col_channels(const ConvGeom& g, const float* x, const PositionRange& pr,
                             int64_t c0, int64_t c1, float* cols, int64_t ld) {
-  const int64_t KK = g.taps();
+  const int64_t KK = g.taps(), sw = g.stride_w, xs3 = g.xs[3];
   for (int64_t c = c0; c < c1; ++c) {
     const float* xc = x + c * g.xs[1];
     for (int64_t kh = 0; kh < g.KH; ++kh) {
       for (int64_t kw = 0; kw < g.KW; ++kw) {
         float* row = cols + (c * KK + kh * g.KW + kw) * ld;
         const int64_t dh = kh * g.dil_h, dw = kw * g.dil_w;
-        for (int64_t j = 0; j < pr.n; ++j) {
-          const int64_t ih = pr.ih0[j] + dh, iw = pr.iw0[j] + dw;
-          row[j] = (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
-                       ? xc[pr.xoff[j] + ih * g.xs[2] + iw * g.xs[3]]
-                       : 0.0f;
+        for (const PositionRange::Run& run : pr.runs) {
+          float* out = row + run.j;
+          const int64_t ih = run.ih0 + dh;
+          if (ih < 0 || ih >= g.H) {
+            std::fill(out, out + run.len, 0.0f);
+            continue;
+          }
+          // valid t in [t0, t1): 0 <= iw0 + dw + t * sw < W
+          const int64_t base = run.iw0 + dw;
+          const int64_t t0 = base >= 0 ? 0 : std::min(run.len, (-base + sw - 1) / sw);
+          const int64_t t1 =
+              base >= g.W ? t0 : std::max(t0, std::min(run.len, (g.W - base + sw - 1) / sw));
+          std::fill(out, out + t0, 0.0f);
+          const float* src = xc + run.xoff + ih * g.xs[2] + base * xs3;
+          if (sw == 1 && xs3 == 1) {
+            std::copy(src + t0, src + t1, out + t0);
+          } else {
+            const int64_t step = sw * xs3;
+            for (int64_t t = t0; t < t1; ++t) out[t] = src[t * step];
+          }
+          std::fill(out + t1, out + run.len, 0.0f);
         }
       }
     }
@@ -73,21 +98,12 @@ inline void im2col(const ConvGeom& g, const float* x, const PositionRange& pr, f
   pfor(0, g.C, 1, [&](int64_t c0, int64_t c1) { im2col_channels(g, x, pr, c0, c1, cols, ld); });
 }
 
-// SYRK on rows of X: G[i][j] += sum_l X[i][l] * X[j][l] for i >= j in the rows [i0, i1),
-// X is R rows of length L with leading dimension ld. Float partial sums over chunks of
-// at most 512 columns, accumulated into double G (R x R, row-major, lower triangle).
-void syrk_lower_rows(const float* X, int64_t R, int64_t L, int64_t ld, int64_t i0, int64_t i1,
-                     double* G);
-
-// Full SYRK over all rows in parallel (deterministic: each G entry has one owner).
-inline void syrk_lower(const float* X, int64_t R, int64_t L, int64_t ld, double* G,
-                       const ParallelFor& pfor) {
-  // Rows are handed out in blocks of 4; later rows have more work, so use a small grain.
-  const int64_t nblk = ceil_div(R, 4);
-  pfor(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    syrk_lower_rows(X, R, L, ld, b0 * 4, std::min(R, b1 * 4), G);
-  });
-}
+// SYRK: G += X X^T on the lower triangle, X is R rows of length L with leading dimension ld,
+// G is R x R row-major float64. Columns are taken in chunks that fit in L2; within a chunk the
+// 4x4 blocks of G are shared out among threads (each block has one owner, so the result does
+// not depend on the thread count). Float partial sums per chunk, float64 across chunks.
+void syrk_lower(const float* X, int64_t R, int64_t L, int64_t ld, double* G,
+                const ParallelFor& pfor);
 
 }  // namespace cpu
 }  // namespace aofp

@@ -29,7 +29,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTableBudget = int64_t(1) << 18;  // floats of subset tables per task (1 MiB)
-constexpr int64_t kColsBudget = int64_t(1) << 22;   // floats of im2col per position chunk
+constexpr int64_t kColsBudget = int64_t(1) << 20;   // floats of im2col per chunk (4 MiB)
 constexpr int64_t kMinRow = 16;
 constexpr int64_t kMaxRow = 1024;
 
@@ -128,29 +128,77 @@ AOFP_INLINE void sum_rows(float* __restrict d, const float* const* rows, int64_t
   }
 }
 
-AOFP_INLINE float sum_sq(const float* __restrict d, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += d[j] * d[j];
-  return s;
-}
-
 AOFP_INLINE float relu_f(float v) { return v < 0.f ? 0.f : v; }  // propagates NaN
 
-// sum_j (relu(A * (w_j - d_j) + B) - base_j)^2
-AOFP_INLINE float relu_diff_sq(const float* __restrict w, const float* __restrict d,
-                               const float* __restrict base, float A, float B, int64_t n) {
+// Centred second moments of one row: with e = d - mean(d), f = u - mean_u,
+// out = {sum e^2, sum f e, sum (f - e)^2}. Row means first, so nothing cancels.
+// Fused row sum + epilogue for R table rows (R known at compile time, so the row loop
+// unrolls and the position loop vectorises; d never goes through memory).
+#define AOFP_LOAD_ROWS                                                     \
+  const float* __restrict r0 = rows[0];                                    \
+  const float* __restrict r1 = rows[R > 1 ? 1 : 0];                        \
+  const float* __restrict r2 = rows[R > 2 ? 2 : 0];                        \
+  const float* __restrict r3 = rows[R > 3 ? 3 : 0];                        \
+  const float* __restrict r4 = rows[R > 4 ? 4 : 0];                        \
+  const float* __restrict r5 = rows[R > 5 ? 5 : 0];                        \
+  const float* __restrict r6 = rows[R > 6 ? 6 : 0];                        \
+  const float* __restrict r7 = rows[R > 7 ? 7 : 0];
+
+#define AOFP_ROW_SUM(j)                                                    \
+  (((r0[j] + (R > 1 ? r1[j] : 0.f)) + ((R > 2 ? r2[j] : 0.f) + (R > 3 ? r3[j] : 0.f))) + \
+   (((R > 4 ? r4[j] : 0.f) + (R > 5 ? r5[j] : 0.f)) +                      \
+    ((R > 6 ? r6[j] : 0.f) + (R > 7 ? r7[j] : 0.f))))
+
+template <int R>
+AOFP_INLINE float relu_rows(const float* const* rows, const float* __restrict w,
+                            const float* __restrict base, float A, float B, int64_t n) {
+  AOFP_LOAD_ROWS
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
-    const float r = relu_f(A * (w[j] - d[j]) + B) - base[j];
+    const float d = AOFP_ROW_SUM(j);
+    const float r = relu_f(A * (w[j] - d) + B) - base[j];
     s += r * r;
   }
   return s;
 }
 
-// Centred second moments of one row: with e = d - mean(d), f = u - mean_u,
-// out = {sum e^2, sum f e, sum (f - e)^2}. Row means first, so nothing cancels.
+template <int R>
+AOFP_INLINE float sq_rows(const float* const* rows, int64_t n) {
+  AOFP_LOAD_ROWS
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = AOFP_ROW_SUM(j);
+    s += d * d;
+  }
+  return s;
+}
+
+constexpr int kFusedRows = 8;
+
+// Reduces `rows` to at most kFusedRows pointers: the leading rows are summed into d.
+AOFP_INLINE int64_t fold_rows(float* d, const float** rows, int64_t ne, int64_t n) {
+  if (ne <= kFusedRows) return ne;
+  const int64_t lead = ne - (kFusedRows - 1);
+  sum_rows(d, rows, lead, n);
+  rows[lead - 1] = d;
+  for (int64_t i = 0; i < kFusedRows; ++i) rows[i] = rows[lead - 1 + i];
+  return kFusedRows;
+}
+
+#define AOFP_ROWS_SWITCH(ne, CALL) \
+  switch (ne) {                    \
+    case 1: CALL(1); break;        \
+    case 2: CALL(2); break;        \
+    case 3: CALL(3); break;        \
+    case 4: CALL(4); break;        \
+    case 5: CALL(5); break;        \
+    case 6: CALL(6); break;        \
+    case 7: CALL(7); break;        \
+    default: CALL(8); break;       \
+  }
+
 AOFP_INLINE void bn_row_moments(const float* __restrict u, const float* __restrict d,
                                 float mean_u, int64_t n, float* mean_d_out, float* out3) {
   float sd = 0.f;
@@ -384,22 +432,33 @@ AOFP_HOT void run_tile(const PassCtx& cx, int64_t o0, int64_t no, int64_t j0, in
       const int64_t o = o0 + ol;
       for (int64_t e = 0; e < ne; ++e)
         rows[e] = sc.tab.data() + (int64_t(cx.kent[e0 + e]) * pl.O_t + ol) * ldz;
-      sum_rows(d, rows, ne, n);
       double* acc = cx.acc + k * O + o;
       switch (cx.pass) {
         case Pass::Linear: {
           const float a = cx.slope[o];
-          acc[0] += double(a) * double(a) * double(sum_sq(d, n));
+          const int64_t nr = fold_rows(d, rows, ne, n);
+          float s = 0.f;
+#define AOFP_SQ(R) s = sq_rows<R>(rows, n)
+          AOFP_ROWS_SWITCH(nr, AOFP_SQ)
+#undef AOFP_SQ
+          acc[0] += double(a) * double(a) * double(s);
           break;
         }
         case Pass::Relu: {
           const float A = cx.A ? cx.A[k * O + o] : cx.slope[o];
           const float B = cx.B ? cx.B[k * O + o] : cx.offset[o];
-          acc[0] += double(relu_diff_sq(sc.w.data() + ol * ldz, d, sc.base.data() + ol * ldz,
-                                        A, B, n));
+          const float* wr = sc.w.data() + ol * ldz;
+          const float* br = sc.base.data() + ol * ldz;
+          const int64_t nr = fold_rows(d, rows, ne, n);
+          float s = 0.f;
+#define AOFP_RELU(R) s = relu_rows<R>(rows, wr, br, A, B, n)
+          AOFP_ROWS_SWITCH(nr, AOFP_RELU)
+#undef AOFP_RELU
+          acc[0] += double(s);
           break;
         }
         case Pass::BnStats: {
+          sum_rows(d, rows, ne, n);
           // Per (k, o): {mean d, M2 of d, co-moment of (u, d), M2 of u - d}, merged per row.
           const float mu = sc.base[ol];
           float md, m3[3];
