@@ -9,6 +9,7 @@ from ._loader import ExtensionNotBuiltError, build_info
 from .checkpoint import load, save
 from .flops import count_flops
 from .graph import ChannelGroup, channel_groups, masked_forward
+from .pruner import NonFiniteLossError, PruneResult, accuracy, prune
 from .surgery import prune_channels_
 
 __version__ = "0.1.0"
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ops", "build_info", "ExtensionNotBuiltError", "__version__",
     "channel_groups", "ChannelGroup", "masked_forward", "prune_channels_", "count_flops",
-    "save", "load", "models", "data",
+    "save", "load", "models", "data", "prune", "PruneResult", "NonFiniteLossError", "accuracy",
 ]

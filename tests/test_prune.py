@@ -1,0 +1,363 @@
+"""aofp_ext.prune end to end: pricing against masked forwards, the MACs bookkeeping, a real
+LeNet-5-BN prune on shipped MNIST images, resume equality, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from _nets import ProjectionNet, data_dir
+from torch.utils.data import DataLoader, TensorDataset
+
+import aofp_ext
+from aofp_ext import pruner
+from aofp_ext.data import mnist
+from aofp_ext.graph import analyze
+from aofp_ext.models import lenet5_bn, resnet_cifar
+from aofp_ext.search import LayerSearch
+from aofp_ext.surgery import pruning_record
+
+LENET_IN = torch.zeros(1, 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def mnist_small() -> dict[str, torch.Tensor]:
+    """1,024 training and 1,000 test images of the shipped MNIST, and a LeNet-5-BN trained on
+    them for two quick epochs (its state dict)."""
+    root = data_dir() / "mnist"
+    xtr, ytr = mnist(root, "train").tensors
+    xte, yte = mnist(root, "test").tensors
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(xtr), generator=g)[:1024]
+    data = {"xtr": xtr[idx], "ytr": ytr[idx], "xte": xte[:1000], "yte": yte[:1000]}
+    torch.manual_seed(0)
+    model = lenet5_bn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        for i in range(0, 1024, 64):
+            loss = F.cross_entropy(model(data["xtr"][i:i + 64]), data["ytr"][i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    data["state"] = copy.deepcopy(model.state_dict())
+    return data
+
+
+def trained_lenet(data: dict) -> nn.Module:
+    model = lenet5_bn()
+    model.load_state_dict(data["state"])
+    return model
+
+
+def loader(data: dict, n: int = 1024, seed: int = 0, shuffle: bool = True) -> DataLoader:
+    return DataLoader(TensorDataset(data["xtr"][:n], data["ytr"][:n]), batch_size=64,
+                      shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- pricing and MACs -----------------------------------------------------------------------
+
+
+def _reference_t(model, target, x_in, masks, base_keep, bn_eval: bool) -> torch.Tensor:
+    """Damage at each consumer's follower output with the target's channels masked at that
+    consumer's input (every base mask applied, the rest of the model as it runs), summed, over
+    the summed base norms."""
+    dmg = torch.zeros(masks.shape[0], dtype=torch.float64)
+    base = 0.0
+    for link in target.links:
+        c = link.consumer
+        feats = {}
+
+        def fwd(mask: torch.Tensor) -> torch.Tensor:
+            hooks = []
+            for c2, keep in base_keep.items():
+                keep = keep.clone()
+                if c2 is c:
+                    keep[link.pos_full] *= mask[link.chan_full].float()
+                hooks.append(c2.module.register_forward_pre_hook(
+                    lambda mod, args, keep=keep: (
+                        args[0] * keep.view((1, -1) + (1,) * (args[0].dim() - 2)),)))
+            last = c.bn if c.bn is not None else c.module
+            hooks.append(last.register_forward_hook(
+                lambda mod, args, out: feats.__setitem__("y", out.detach().double().clone())))
+            if bn_eval and c.bn is not None:
+                c.bn.eval()
+            with torch.no_grad():
+                model(x_in)
+            if c.bn is not None:
+                c.bn.train()
+            for h in hooks:
+                h.remove()
+            y = feats["y"]
+            return torch.relu(y) if c.post == "relu" else y
+
+        yb = fwd(target.search.alive)
+        dmg += torch.stack([((fwd(m) - yb) ** 2).sum() for m in masks])
+        base += float((yb ** 2).sum())
+    return dmg / base
+
+
+def _targets(model, example, names, bn_mode):
+    a = analyze(model, example)
+    groups = {g.name: g for g in a.groups}
+    consumers: dict = {}
+    out = []
+    for name in names:
+        g = groups[name]
+        links = []
+        for cname in dict.fromkeys(s.module for s in g.consumers):
+            if cname not in consumers:
+                consumers[cname] = pruner._consumer_for(model, a.gm, cname, bn_mode, name)
+            links.append(pruner._link(g, consumers[cname]))
+        out.append(pruner._Target(g, LayerSearch(name, g.size, start=0, iters_per_half=1,
+                                                 thresh=0.1), links))
+    return out, consumers
+
+
+@pytest.mark.parametrize("case", ["lenet-batch", "lenet-running", "resnet8", "projection-all"])
+def test_price_equals_masked_forwards(case: str) -> None:
+    torch.manual_seed(0)
+    if case.startswith("lenet"):
+        model, x = lenet5_bn(), torch.randn(16, 1, 28, 28)
+        names = ["conv1", "conv2"]
+    elif case == "resnet8":
+        model, x = resnet_cifar(8), torch.randn(8, 3, 32, 32)
+        names = ["layer1.0.conv1", "layer3.0.conv1"]
+    else:  # a residual stream coupled through adds, read by a conv and the Linear; and a
+        # group read by two convs
+        model, x = ProjectionNet(), torch.randn(8, 3, 16, 16)
+        names = ["b1_out.0", "stem.0"]
+    bn_mode = "running" if case == "lenet-running" else "batch"
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0  # running statistics stay put across the forwards below
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    model.train()
+    tgts, consumers = _targets(model, x[:1], names, bn_mode)
+    gen = torch.Generator().manual_seed(1)
+    for t in tgts:
+        t.search.alive[torch.randperm(t.group.size, generator=gen)[:2]] = False
+        t.search.space = t.search.alive.clone()
+    for c in consumers.values():
+        keep = torch.ones(c.width)
+        for t in tgts:
+            for link in t.links:
+                if link.consumer is c:
+                    keep[link.pos_full] = t.search.alive[link.chan_full].float()
+        c.keep, c.capture = keep, True
+    hooks = [h for c in consumers.values() for h in (
+        c.module.register_forward_pre_hook(c.pre_hook), c.module.register_forward_hook(c.post_hook))]
+    model(x)
+    for h in hooks:
+        h.remove()
+    if case == "projection-all":
+        assert [link.consumer.name for link in tgts[0].links] == ["b2.0", "fc"]
+        assert [link.consumer.name for link in tgts[1].links] == ["b1.0", "b1_short.0"]
+    if case == "lenet-batch":
+        assert [(c.norm, c.post) for c in consumers.values()] == [("batch", "relu"),
+                                                                  ("none", "relu")]
+        assert tgts[1].links[0].view_block == 16   # fc1 read as a conv with a (16, 1) kernel
+    base_keep = {c: c.keep for c in consumers.values()}
+    for c in consumers.values():
+        c.keep = None  # the reference applies its own masks
+    for t in tgts:
+        masks = t.search.draw(6, gen)
+        got = pruner._price(t, masks)
+        want = _reference_t(model, t, x, masks, base_keep, bn_eval=bn_mode == "running")
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (t.name, got, want)
+
+
+def test_macs_bookkeeping_equals_count_flops_after_the_cut() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for model, example in ((lenet5_bn(), LENET_IN), (resnet_cifar(20), torch.zeros(1, 3, 32, 32))):
+        a = analyze(model, example)
+        groups = pruner._select_targets(a.groups, "auto", model)
+        tgts = [pruner._Target(g, LayerSearch(g.name, g.size, start=0, iters_per_half=1,
+                                              thresh=0.1), []) for g in groups]
+        macs = pruner._Macs(model, example, tgts)
+        assert macs.total == aofp_ext.count_flops(model, example)[0]
+        for t in tgts:
+            n = int(torch.randint(1, t.group.size, (), generator=gen))
+            t.search.alive[torch.randperm(t.group.size, generator=gen)[:n]] = False
+        cut = copy.deepcopy(model)
+        aofp_ext.prune_channels_(cut, {t.name: t.search.alive.nonzero().flatten() for t in tgts},
+                                 example_inputs=example)
+        assert macs.current() == aofp_ext.count_flops(cut, example)[0]
+
+
+# ---- end to end -----------------------------------------------------------------------------
+
+
+def test_prune_lenet_on_mnist_end_to_end(mnist_small, tmp_path) -> None:
+    model = trained_lenet(mnist_small)
+    test = DataLoader(TensorDataset(mnist_small["xte"], mnist_small["yte"]), batch_size=500)
+    x_probe = mnist_small["xte"][:8]
+    result = aofp_ext.prune(
+        model, loader(mnist_small), example_inputs=LENET_IN, target_flops=0.6,
+        masks_per_step=16, thresh=0.05, iters_per_half=2, warmup_iters=1, max_steps=80,
+        finetune_epochs=1, eval_fn=aofp_ext.accuracy(test), progress=False, out_dir=tmp_path)
+    r = result.report
+    assert result.model is model
+    assert r["stop_reason"] == "target" and r["reached_target"]
+    macs, params = aofp_ext.count_flops(model, LENET_IN)
+    assert (macs, params) == (r["macs_after"], r["params_after"])
+    assert macs <= 0.6 * r["macs_before"] and r["macs_before"] == 2_293_000
+    # channels are gone for real, and the keep-sets say which
+    assert model.conv1.out_channels == r["widths_after"]["conv1"] < 20 or (
+        model.conv2.out_channels == r["widths_after"]["conv2"] < 50)
+    assert model.bn2.num_features == model.conv2.out_channels == model.fc1.in_features // 16
+    rec = pruning_record(model)
+    assert {k: len(v) for k, v in rec.keep.items()} == {
+        k: v for k, v in r["widths_after"].items() if v < r["widths_before"][k]}
+    # the history explains every pruned channel
+    pruned = {n: sum(len(m["pruned"]) for m in r["history"] if m["layer"] == n)
+              for n in r["targets"]}
+    assert pruned == {n: r["widths_before"][n] - r["widths_after"][n] for n in r["targets"]}
+    assert r["steps"] >= 1 and r["search_seconds"] > 0 and r["finetune_seconds"] > 0
+    assert r["accuracy_before"] > 70
+    assert r["accuracy_after_finetune"] > r["accuracy_before"] - 10
+    # outputs: report files and a model that aofp_ext.load restores
+    assert json.loads((tmp_path / "report.json").read_text())["macs_after"] == macs
+    assert "| conv1 | 20 |" in (tmp_path / "report.md").read_text()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "widths.png").stat().st_size > 1000
+    fresh = aofp_ext.load(lenet5_bn(), tmp_path / "model.pt").eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(x_probe), model(x_probe), atol=1e-5)
+
+
+def _run(data, folder, **kw):
+    torch.manual_seed(123)  # the run reseeds; this only proves the outside RNG does not matter
+    return aofp_ext.prune(
+        trained_lenet(data), loader(data, n=384, seed=5), example_inputs=LENET_IN,
+        target_flops=0.55, masks_per_step=8, thresh=0.08, iters_per_half=2, warmup_iters=1,
+        max_steps=40, finetune_epochs=1, progress=False, checkpoint_dir=folder,
+        checkpoint_every=4, **kw)
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(mnist_small, tmp_path) -> None:
+    full = _run(mnist_small, tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step: int, info: dict) -> None:
+        if step == 7:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _run(mnist_small, tmp_path / "b", callback=interrupt)
+    saved = torch.load(tmp_path / "b" / pruner.CHECKPOINT_NAME, weights_only=True)
+    assert saved["phase"] == "search" and saved["step"] == 4
+    resumed = _run(mnist_small, tmp_path / "b")
+    assert resumed.report["resumed_from"] == "search step 4"
+    assert full.report["history"] == resumed.report["history"]
+    assert full.report["steps"] == resumed.report["steps"]
+    assert any(m["action"] == "prune" and m["step"] > 4 for m in full.report["history"])
+    rec_a, rec_b = pruning_record(full.model), pruning_record(resumed.model)
+    assert rec_a.keep.keys() == rec_b.keep.keys() and rec_a.keep
+    for k in rec_a.keep:
+        assert torch.equal(rec_a.keep[k], rec_b.keep[k])
+    sa, sb = full.model.state_dict(), resumed.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    # a finished folder: calling again returns the same model without running anything
+    again = _run(mnist_small, tmp_path / "b")
+    assert again.report["resumed_from"].startswith("done")
+    for k, v in again.model.state_dict().items():
+        assert torch.equal(v, sb[k])
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def _small_loader(shape=(1, 28, 28), n=64):
+    return DataLoader(TensorDataset(torch.randn(n, *shape), torch.randint(0, 10, (n,))),
+                      batch_size=32)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.5, 1.5, float("nan"), "0.5", True])
+def test_target_flops_outside_0_1(value) -> None:
+    with pytest.raises(ValueError, match=r"target_flops must be a fraction in \(0, 1\]"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), example_inputs=LENET_IN,
+                       target_flops=value, progress=False)
+
+
+def test_loader_with_wrong_shapes() -> None:
+    with pytest.raises(ValueError, match=r"train_loader yields inputs of shape \(32, 3, 32, 32\)"
+                                         r".*must be \(1, 28, 28\)"):
+        aofp_ext.prune(lenet5_bn(), _small_loader((3, 32, 32)), example_inputs=LENET_IN,
+                       progress=False)
+    bare = DataLoader(torch.randn(64, 1, 28, 28), batch_size=32)  # tensors, not pairs
+    with pytest.raises(ValueError, match=r"\(inputs, targets\) pairs"):
+        aofp_ext.prune(lenet5_bn(), bare, example_inputs=LENET_IN, progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        aofp_ext.prune(lenet5_bn(), [], example_inputs=LENET_IN, progress=False)
+
+
+def test_no_prunable_groups() -> None:
+    flat = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())  # its channels reach the output
+    with pytest.raises(ValueError, match="no prunable channel group.*reaches the model output"):
+        aofp_ext.prune(flat, _small_loader(), example_inputs=LENET_IN, progress=False)
+
+    class Residual(nn.Module):  # the only conv group meets a residual add
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 10)
+
+        def forward(self, x):
+            y = F.relu(self.a(x))
+            y = F.relu(self.b(y) + y)
+            return self.fc(y.mean(dim=(2, 3)))
+
+    with pytest.raises(ValueError, match="targets='all'"):
+        aofp_ext.prune(Residual(), _small_loader(), example_inputs=LENET_IN, progress=False)
+    with pytest.raises(ValueError, match="unknown channel group 'nope'"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), example_inputs=LENET_IN,
+                       targets=["nope"], progress=False)
+
+
+def test_other_bad_arguments(tmp_path) -> None:
+    kw = dict(example_inputs=LENET_IN, progress=False)
+    with pytest.raises(ValueError, match="method must be 'aofp'"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), method="oracle", **kw)
+    with pytest.raises(ValueError, match="masks_per_step must be a positive integer"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), masks_per_step=0, **kw)
+    with pytest.raises(ValueError, match="bn_mode"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), bn_mode="eval", **kw)
+    with pytest.raises(ValueError, match="cannot be reached"):  # fc1 and fc2 are not searched
+        aofp_ext.prune(lenet5_bn(), _small_loader(), target_flops=0.01, **kw)
+    with pytest.warns(UserWarning, match="stopped at max_steps=1"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), max_steps=1, checkpoint_dir=tmp_path,
+                       masks_per_step=4, **kw)
+    with pytest.raises(ValueError, match="other settings.*masks_per_step"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), max_steps=1, checkpoint_dir=tmp_path,
+                       masks_per_step=8, **kw)
+
+
+def test_nan_loss_stops_saves_and_says_so(tmp_path) -> None:
+    calls = []
+
+    def loss_fn(out, y):
+        calls.append(1)
+        loss = F.cross_entropy(out, y)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    model = lenet5_bn()
+    with pytest.raises(aofp_ext.NonFiniteLossError,
+                       match=r"loss is nan at search step 3.*saved in .*aofp-checkpoint.pt"):
+        aofp_ext.prune(model, _small_loader(), example_inputs=LENET_IN, loss_fn=loss_fn,
+                       masks_per_step=4, checkpoint_dir=tmp_path, progress=False)
+    saved = torch.load(tmp_path / pruner.CHECKPOINT_NAME, weights_only=True)
+    assert saved["step"] == 3 and saved["nonfinite"]
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    with pytest.raises(aofp_ext.NonFiniteLossError, match="pass checkpoint_dir"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), example_inputs=LENET_IN,
+                       loss_fn=lambda o, y: F.cross_entropy(o, y) * float("inf"),
+                       progress=False)
