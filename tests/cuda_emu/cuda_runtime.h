@@ -2,11 +2,12 @@
 // kernel sources (csrc/kernels/*.cu, with only the <<<...>>> launch syntax rewritten by
 // tests/test_cuda_emulated.py) can run on a machine without a GPU.
 //
-// Each block runs as 256 (blockDim) cooperative fibers (ucontext) on one OS thread; a
-// __syncthreads() switches to the next fiber, so shared memory, barriers and warp shuffles keep
-// their CUDA meaning. The scheduler checks that every barrier is reached by every thread of the
-// block (a divergent __syncthreads is an error) and can run the threads of each phase in a
-// shuffled order, which makes a missing barrier visible as a wrong result. Device memory is host
+// Each block runs as blockDim cooperative fibers (ucontext) on one OS thread; a __syncthreads()
+// or a warp shuffle switches to the next fiber, so shared memory, barriers and warp shuffles
+// keep their CUDA meaning. The scheduler checks that every barrier is reached by every thread of
+// the block (of the warp, for a shuffle) -- a divergent barrier is an error -- and can run the
+// threads of each phase in a shuffled order, which makes a missing barrier visible as a wrong
+// result. Device memory is host
 // memory; streams are ignored (everything runs at launch). This checks the kernels' logic
 // (indexing, tiling, reductions, the overlap scheme of compact) -- not their speed, not races
 // between concurrently running blocks, not nvcc's code generation.
@@ -87,11 +88,12 @@ inline double atomicAdd(double* p, double v) {
 
 namespace aofp_emu {
 
+enum class State { Run, BlockBarrier, WarpBarrier, Done };
+
 struct Fiber {
   ucontext_t ctx;
   char* stack = nullptr;
-  bool done = false;
-  bool at_barrier = false;
+  State state = State::Run;
 };
 
 constexpr size_t kStack = size_t(256) << 10;
@@ -144,7 +146,7 @@ inline void fiber_entry() {
   __sanitizer_finish_switch_fiber(nullptr, &g_sched_bottom, &g_sched_size);
 #endif
   g_body();
-  g_fibers[g_cur].done = true;
+  g_fibers[g_cur].state = State::Done;
   to_scheduler(true);
 }
 
@@ -155,38 +157,55 @@ inline void set_thread(int tid) {
   threadIdx.z = unsigned(tid) / (blockDim.x * blockDim.y);
 }
 
+// Runs one block: warp by warp, each warp until all its threads wait at a block barrier or
+// are done (releasing warp barriers -- shuffles -- on the way), then releases the block barrier.
 inline void run_block(int nthreads) {
   for (int i = 0; i < nthreads; ++i) {
     Fiber& f = g_fibers[i];
-    f.done = false;
-    f.at_barrier = false;
+    f.state = State::Run;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  std::vector<int> order(nthreads);
-  for (int i = 0; i < nthreads; ++i) order[i] = i;
+  const int nwarps = (nthreads + 31) / 32;
+  std::vector<int> warps(nwarps), lanes(32);
+  for (int w = 0; w < nwarps; ++w) warps[w] = w;
+  for (int l = 0; l < 32; ++l) lanes[l] = l;
   std::mt19937 rng(g_seed + 977u * blockIdx.x + 131u * blockIdx.y + 7u * blockIdx.z);
   for (;;) {
-    if (g_seed != 0) std::shuffle(order.begin(), order.end(), rng);
-    for (int i : order) {
-      if (g_fibers[i].done) continue;
-      g_fibers[i].at_barrier = false;
-      set_thread(i);
-      to_fiber(i);
+    if (g_seed != 0) std::shuffle(warps.begin(), warps.end(), rng);
+    for (int w : warps) {
+      const int t0 = w * 32, t1 = std::min(nthreads, t0 + 32);
+      for (;;) {
+        if (g_seed != 0) std::shuffle(lanes.begin(), lanes.end(), rng);
+        for (int l : lanes) {
+          const int i = t0 + l;
+          if (i >= t1 || g_fibers[i].state != State::Run) continue;
+          set_thread(i);
+          to_fiber(i);
+        }
+        int at_warp = 0;
+        for (int i = t0; i < t1; ++i) at_warp += g_fibers[i].state == State::WarpBarrier;
+        if (at_warp == 0) break;
+        g_cur = -1;
+        if (at_warp != t1 - t0) fail("divergent warp shuffle: not every lane of the warp took part");
+        for (int i = t0; i < t1; ++i) g_fibers[i].state = State::Run;
+        ++g_barriers;
+      }
     }
     int done = 0, waiting = 0;
     for (int i = 0; i < nthreads; ++i) {
-      done += g_fibers[i].done;
-      waiting += g_fibers[i].at_barrier && !g_fibers[i].done;
+      done += g_fibers[i].state == State::Done;
+      waiting += g_fibers[i].state == State::BlockBarrier;
     }
     if (done == nthreads) break;
     if (waiting != nthreads) {
       g_cur = -1;
       fail("divergent __syncthreads: some threads exited while others wait at a barrier");
     }
+    for (int i = 0; i < nthreads; ++i) g_fibers[i].state = State::Run;
     ++g_barriers;
   }
   g_cur = -1;
@@ -228,23 +247,30 @@ T* dynamic_smem() {
 
 inline void __syncthreads() {
   if (aofp_emu::g_cur < 0) aofp_emu::fail("__syncthreads outside a kernel");
-  aofp_emu::g_fibers[aofp_emu::g_cur].at_barrier = true;
+  aofp_emu::g_fibers[aofp_emu::g_cur].state = aofp_emu::State::BlockBarrier;
   aofp_emu::to_scheduler(false);
 }
 
-// Warp shuffle through a block-wide exchange (the kernels call shuffles in block-uniform control
-// flow; the scheduler reports it otherwise). Only full-warp masks are supported.
+namespace aofp_emu {
+inline void warp_sync() {
+  if (g_cur < 0) fail("warp shuffle outside a kernel");
+  g_fibers[g_cur].state = State::WarpBarrier;
+  to_scheduler(false);
+}
+}  // namespace aofp_emu
+
+// Warp shuffle through an exchange buffer and two warp barriers. Only full-warp masks.
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
   if (mask != 0xffffffffu) aofp_emu::fail("partial-warp shuffle masks are not emulated");
   const int tid = aofp_emu::g_cur;
   std::memcpy(aofp_emu::g_shfl + 8 * tid, &v, sizeof(T));
-  __syncthreads();
+  aofp_emu::warp_sync();
   const int src = (tid & ~31) | ((tid & 31) ^ (lane_mask & 31));
   T r;
   std::memcpy(&r, aofp_emu::g_shfl + 8 * src, sizeof(T));
-  __syncthreads();
+  aofp_emu::warp_sync();
   return r;
 }
 
