@@ -17,60 +17,12 @@ constexpr int64_t kZBudget = int64_t(1) << 18;        // floats of Z per tile (1
 constexpr int64_t kColsBudget = int64_t(1) << 20;     // floats of im2col per chunk (4 MiB)
 constexpr int64_t kFactoredMax = int64_t(1) << 23;    // (C*KK)^2 doubles (64 MiB)
 
-// Rows c in [c0, c1) of Z for positions [j0, j0 + n) of the chunk: z[c][o * n + j] =
-// scale[o] * sum over taps of W[o, c, tap] * cols[(c, tap)][j0 + j]; four o share each load.
+// Rows c in [c0, c1) of Z for positions [j0, j0 + n) of the chunk, scaled by scale[o]:
+// z[c][o * n + j] (row c packs all output channels).
 AOFP_HOT void gram_z(const ChannelGramParams& p, const float* cols, int64_t ld, int64_t j0,
                      int64_t n, int64_t c0, int64_t c1, float* z) {
   const ConvGeom& g = p.g;
-  const int64_t C = g.C, O = g.O, KK = g.taps(), L = O * n;
-  for (int64_t c = c0; c < c1; ++c) {
-    const float* __restrict col = cols + (c * KK) * ld + j0;
-    int64_t o = 0;
-    const bool blocked = KK <= 64;  // taps of four channels in registers; else the plain loop
-    for (; blocked && o + 4 <= O; o += 4) {
-      float w[4][64];
-      const int64_t kk_n = KK;
-      for (int u = 0; u < 4; ++u) {
-        const float s = p.scale ? p.scale[o + u] : 1.f;
-        for (int64_t kk = 0; kk < kk_n; ++kk) w[u][kk] = s * p.weight[((o + u) * C + c) * KK + kk];
-      }
-      float* __restrict z0 = z + c * L + o * n;
-      float* __restrict z1 = z0 + n;
-      float* __restrict z2 = z1 + n;
-      float* __restrict z3 = z2 + n;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = col[j];
-        z0[j] = w[0][0] * v;
-        z1[j] = w[1][0] * v;
-        z2[j] = w[2][0] * v;
-        z3[j] = w[3][0] * v;
-      }
-      for (int64_t kk = 1; kk < KK; ++kk) {
-        const float* __restrict ck = col + kk * ld;
-        const float a0 = w[0][kk], a1 = w[1][kk], a2 = w[2][kk], a3 = w[3][kk];
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const float v = ck[j];
-          z0[j] += a0 * v;
-          z1[j] += a1 * v;
-          z2[j] += a2 * v;
-          z3[j] += a3 * v;
-        }
-      }
-    }
-    for (; o < O; ++o) {
-      const float s = p.scale ? p.scale[o] : 1.f;
-      float* __restrict zr = z + c * L + o * n;
-      for (int64_t j = 0; j < n; ++j) zr[j] = 0.f;
-      for (int64_t kk = 0; kk < KK; ++kk) {
-        const float a = s * p.weight[(o * C + c) * KK + kk];
-        const float* __restrict ck = col + kk * ld;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) zr[j] += a * ck[j];
-      }
-    }
-  }
+  contributions(p.weight, p.scale, g.C, g.taps(), cols, ld, j0, n, 0, g.O, c0, c1, z, g.O, n);
 }
 
 void fill_symmetric(double* G, int64_t R) {

@@ -92,6 +92,67 @@ inline void im2col_channels(const ConvGeom& g, const float* x, const PositionRan
   }
 }
 
+// The per-channel contributions of a tile: for c in [c0, c1) and o in [o0, o0 + no),
+// z[(c * zo + (o - o0)) * ldz + j] = s_o * sum over taps of W[o, c, tap] * cols[(c, tap)][j0 + j]
+// for j in [0, n), with s_o = scale[o] (1 without scale). Four output channels share each
+// im2col load. weight is contiguous (O, C, taps).
+AOFP_INLINE void contributions(const float* weight, const float* scale, int64_t C, int64_t KK,
+                               const float* cols, int64_t ld, int64_t j0, int64_t n,
+                               int64_t o0, int64_t no, int64_t c0, int64_t c1, float* z,
+                               int64_t zo, int64_t ldz) {
+  constexpr int64_t kMaxTaps = 64;  // taps of four channels held on the stack
+  for (int64_t c = c0; c < c1; ++c) {
+    const float* __restrict col = cols + (c * KK) * ld + j0;
+    int64_t ol = 0;
+    for (; KK <= kMaxTaps && ol + 4 <= no; ol += 4) {
+      float w[4][kMaxTaps];
+      for (int u = 0; u < 4; ++u) {
+        const int64_t o = o0 + ol + u;
+        const float s = scale ? scale[o] : 1.f;
+        for (int64_t kk = 0; kk < KK; ++kk) w[u][kk] = s * weight[(o * C + c) * KK + kk];
+      }
+      float* __restrict z0 = z + (c * zo + ol) * ldz;
+      float* __restrict z1 = z0 + ldz;
+      float* __restrict z2 = z1 + ldz;
+      float* __restrict z3 = z2 + ldz;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = col[j];
+        z0[j] = w[0][0] * v;
+        z1[j] = w[1][0] * v;
+        z2[j] = w[2][0] * v;
+        z3[j] = w[3][0] * v;
+      }
+      for (int64_t kk = 1; kk < KK; ++kk) {
+        const float* __restrict ck = col + kk * ld;
+        const float a0 = w[0][kk], a1 = w[1][kk], a2 = w[2][kk], a3 = w[3][kk];
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = ck[j];
+          z0[j] += a0 * v;
+          z1[j] += a1 * v;
+          z2[j] += a2 * v;
+          z3[j] += a3 * v;
+        }
+      }
+    }
+    for (; ol < no; ++ol) {
+      const int64_t o = o0 + ol;
+      const float s = scale ? scale[o] : 1.f;
+      float* __restrict zr = z + (c * zo + ol) * ldz;
+      const float a = s * weight[(o * C + c) * KK];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) zr[j] = a * col[j];
+      for (int64_t kk = 1; kk < KK; ++kk) {
+        const float ak = s * weight[(o * C + c) * KK + kk];
+        const float* __restrict ck = col + kk * ld;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) zr[j] += ak * ck[j];
+      }
+    }
+  }
+}
+
 // im2col of all channels for a position range, in parallel over channels.
 inline void im2col(const ConvGeom& g, const float* x, const PositionRange& pr, float* cols,
                    int64_t ld, const ParallelFor& pfor) {

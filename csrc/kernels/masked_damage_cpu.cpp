@@ -260,58 +260,11 @@ struct Scratch {
 };
 
 // z[c][ol][j] for c in [0, C), ol in [0, no), j in [0, n): contributions of the tile.
-// Four output channels at a time share each im2col load.
 AOFP_INLINE void compute_z(const PassCtx& cx, int64_t o0, int64_t no, int64_t j0, int64_t n,
                            float* z, int64_t ldz) {
   const ConvGeom& g = cx.p->g;
-  const int64_t KK = g.taps(), ld = cx.ld, O_t = cx.pl->O_t;
-  for (int64_t c = 0; c < g.C; ++c) {
-    const float* __restrict col = cx.cols + (c * KK) * ld + j0;
-    int64_t ol = 0;
-    for (; ol + 4 <= no; ol += 4) {
-      const float* w0 = cx.p->weight + ((o0 + ol) * g.C + c) * KK;
-      const float* w1 = w0 + g.C * KK;
-      const float* w2 = w1 + g.C * KK;
-      const float* w3 = w2 + g.C * KK;
-      float* __restrict z0 = z + (c * O_t + ol) * ldz;
-      float* __restrict z1 = z0 + ldz;
-      float* __restrict z2 = z1 + ldz;
-      float* __restrict z3 = z2 + ldz;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = col[j];
-        z0[j] = w0[0] * v;
-        z1[j] = w1[0] * v;
-        z2[j] = w2[0] * v;
-        z3[j] = w3[0] * v;
-      }
-      for (int64_t kk = 1; kk < KK; ++kk) {
-        const float* __restrict ck = col + kk * ld;
-        const float a0 = w0[kk], a1 = w1[kk], a2 = w2[kk], a3 = w3[kk];
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const float v = ck[j];
-          z0[j] += a0 * v;
-          z1[j] += a1 * v;
-          z2[j] += a2 * v;
-          z3[j] += a3 * v;
-        }
-      }
-    }
-    for (; ol < no; ++ol) {
-      const float* w0 = cx.p->weight + ((o0 + ol) * g.C + c) * KK;
-      float* __restrict z0 = z + (c * O_t + ol) * ldz;
-      const float a = w0[0];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) z0[j] = a * col[j];
-      for (int64_t kk = 1; kk < KK; ++kk) {
-        const float* __restrict ck = col + kk * ld;
-        const float ak = w0[kk];
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) z0[j] += ak * ck[j];
-      }
-    }
-  }
+  contributions(cx.p->weight, nullptr, g.C, g.taps(), cx.cols, cx.ld, j0, n, o0, no, 0, g.C, z,
+                cx.pl->O_t, ldz);
 }
 
 // y[ol][j] = bias[o] + sum_c z[c][ol][j]
