@@ -35,11 +35,14 @@ class DataFormatError(ValueError):
 
 
 def default_data_dir() -> Path:
-    """``$AOFP_DATA_DIR``, else ``<repo>/../shared/data`` (the project's shipped data)."""
+    """``$AOFP_DATA_DIR``; else ``<repo>/../shared/data`` (the project's shipped data) for a
+    source checkout, or ``../shared/data`` from the current folder for an installed package."""
     env = os.environ.get("AOFP_DATA_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data",
+                  Path.cwd().parent / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def _find(root: Path, name: str) -> Path:
