@@ -671,7 +671,7 @@ cudaError_t masked_damage(const MaskedDamageParams& p, void* workspace, size_t w
       continue;
     }
 
-    // Pass 1: per (k, o) sums of d', u d', d'^2 (and, once, the sums of u for var(y)).
+    // Pass 1: per (k, o) sums of d', u d', d'^2, (u - d')^2 (and, once, the sums of u for var y).
     AOFP_CUDA_TRY(cudaMemsetAsync(pl.st, 0, size_t(nk * O * kStatsPer) * sizeof(double), stream));
     mask_kind_kernel<<<detail::grid_for(nk), kThreads, 0, stream>>>(p.masks, k0, nk, C, pl.kind);
     AOFP_CUDA_TRY(cudaGetLastError());
