@@ -120,6 +120,13 @@ class _Consumer:
         """``||f(y)||^2`` of the unmasked follower output, ``f`` = norm then post."""
         y = y.detach().float()
         scale, shift, eps = self.norm_terms()
+        if self.norm == "batch" and self.post == "none":
+            # sum over positions of (g z + b)^2 with z normalised: mean 0, mean z^2 = v/(v+eps)
+            dims = [0, *range(2, y.dim())]
+            var = y.double().var(dim=dims, unbiased=False)
+            positions = y.numel() // y.shape[1]
+            return float((positions * (scale.double() ** 2 * var / (var + eps)
+                                       + shift.double() ** 2)).sum())
         if self.norm == "batch":
             y = F.batch_norm(y, None, None, scale, shift, training=True, eps=eps)
         elif self.norm == "affine":
@@ -229,6 +236,13 @@ def _link(group: ChannelGroup, consumer: _Consumer) -> _Link:
     return _Link(consumer, chan, pos, pos_full_t, chan_full_t, b)
 
 
+#: How attempts are priced: "fused" (``ops.masked_damage``, one pass for all K attempts) or
+#: "loop" (the authors' way: one masked follower forward per attempt, float32, via
+#: ``ops.masked_damage_reference``). The same numbers up to float32 rounding; bench/prune.py uses
+#: "loop" to time the authors' one-attempt-per-step setting at its own cost.
+PRICING = "fused"
+
+
 def _price(target: _Target, masks: torch.Tensor) -> torch.Tensor:
     """``t = sum damage / sum ||Y_base||^2`` over the target's consumers (and their calls)."""
     damage = torch.zeros(masks.shape[0], dtype=torch.float64)
@@ -254,8 +268,14 @@ def _price(target: _Target, masks: torch.Tensor) -> torch.Tensor:
                 xv, wv, kw = x, w, dict(geo)
             full = torch.ones(masks.shape[0], xv.shape[1], dtype=torch.bool, device=x.device)
             full[:, link.pos.to(x.device)] = masks[:, link.chan.to(masks.device)].to(x.device)
-            d = ops.masked_damage(xv.float(), wv.float(), full, bias=bias, **kw, norm=c.norm,
-                                  scale=scale, shift=shift, eps=eps, post=c.post)
+            if PRICING == "loop":
+                d = ops.masked_damage_reference(xv.float(), wv.float(), full, bias=bias, **kw,
+                                                norm=c.norm, scale=scale, shift=shift, eps=eps,
+                                                post=c.post, dtype=torch.float32)
+            else:
+                d = ops.masked_damage(xv.float(), wv.float(), full, bias=bias, **kw,
+                                      norm=c.norm, scale=scale, shift=shift, eps=eps,
+                                      post=c.post)
             damage += d.to("cpu", torch.float64)
             base += b2
     return damage / max(base, 1e-30)
