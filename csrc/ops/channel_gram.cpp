@@ -10,41 +10,15 @@ namespace {
 at::Tensor channel_gram_cpu(const at::Tensor& x, const at::Tensor& weight,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, const c10::optional<at::Tensor>& scale) {
-  const char* op = "channel_gram";
-  ChannelGramParams p;
-  p.g = make_geometry(op, x, weight, stride, padding, dilation);
-  at::Tensor s;
-  if (scale.has_value() && scale->defined()) s = prepare_vector(op, scale, "scale", p.g.O, x);
-  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  for (int i = 0; i < xf.dim(); ++i) p.g.xs[i] = xf.stride(i);
-  const at::Tensor wf = weight.to(at::kFloat).contiguous();
-  at::Tensor out = at::zeros({p.g.C, p.g.C}, x.options().dtype(at::kFloat));
-  if (p.g.C == 0 || p.g.positions() == 0 || p.g.O == 0) return out;
-  p.x = xf.data_ptr<float>();
-  p.weight = wf.data_ptr<float>();
-  p.scale = s.defined() ? s.data_ptr<float>() : nullptr;
-  p.gram = out.data_ptr<float>();
-  cpu::channel_gram(p, aten_parallel_for());
-  return out;
+  ChannelGramInputs in = prepare_channel_gram(x, weight, stride, padding, dilation, scale);
+  if (!in.empty) cpu::channel_gram(in.p, aten_parallel_for());
+  return in.out;
 }
 
 at::Tensor quadratic_damage_cpu(const at::Tensor& gram, const at::Tensor& masks) {
-  const char* op = "quadratic_damage";
-  TORCH_CHECK(gram.dim() == 2 && gram.size(0) == gram.size(1), op,
-              ": gram must be a square (C, C) matrix, got shape ", shape_str(gram));
-  check_floating(op, gram, "gram");
-  const at::Tensor m = prepare_masks(op, masks, gram.size(0), gram, "gram");
-  const at::Tensor gf = gram.to(at::kFloat).contiguous();
-  at::Tensor out = at::zeros({masks.size(0)}, gram.options().dtype(at::kFloat));
-  if (masks.size(0) == 0 || gram.size(0) == 0) return out;
-  QuadraticDamageParams p;
-  p.gram = gf.data_ptr<float>();
-  p.C = gram.size(0);
-  p.masks = m.data_ptr<uint8_t>();
-  p.K = masks.size(0);
-  p.damage = out.data_ptr<float>();
-  cpu::quadratic_damage(p, aten_parallel_for());
-  return out;
+  QuadraticDamageInputs in = prepare_quadratic_damage(gram, masks);
+  if (!in.empty) cpu::quadratic_damage(in.p, aten_parallel_for());
+  return in.out;
 }
 
 }  // namespace

@@ -196,5 +196,64 @@ inline MaskedDamageInputs prepare_masked_damage(
   return in;
 }
 
+// channel_gram: checked inputs and the params struct, with the output allocated (zeros).
+// `empty` is true when there is nothing to compute (the zeros are the answer).
+struct ChannelGramInputs {
+  at::Tensor x, weight, scale, out;
+  ChannelGramParams p;
+  bool empty = false;
+};
+
+inline ChannelGramInputs prepare_channel_gram(const at::Tensor& x, const at::Tensor& weight,
+                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef dilation,
+                                              const c10::optional<at::Tensor>& scale) {
+  const char* op = "channel_gram";
+  ChannelGramInputs in;
+  in.p.g = make_geometry(op, x, weight, stride, padding, dilation);
+  if (scale.has_value() && scale->defined())
+    in.scale = prepare_vector(op, scale, "scale", in.p.g.O, x);
+  in.x = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  for (int i = 0; i < in.x.dim(); ++i) in.p.g.xs[i] = in.x.stride(i);
+  in.weight = weight.to(at::kFloat).contiguous();
+  in.out = at::zeros({in.p.g.C, in.p.g.C}, x.options().dtype(at::kFloat));
+  in.empty = in.p.g.C == 0 || in.p.g.positions() == 0 || in.p.g.O == 0;
+  if (!in.empty) {
+    in.p.x = in.x.data_ptr<float>();
+    in.p.weight = in.weight.data_ptr<float>();
+    in.p.scale = in.scale.defined() ? in.scale.data_ptr<float>() : nullptr;
+    in.p.gram = in.out.data_ptr<float>();
+  }
+  return in;
+}
+
+// quadratic_damage: checked inputs and the params struct, with the output allocated (zeros).
+struct QuadraticDamageInputs {
+  at::Tensor gram, masks, out;
+  QuadraticDamageParams p;
+  bool empty = false;
+};
+
+inline QuadraticDamageInputs prepare_quadratic_damage(const at::Tensor& gram,
+                                                      const at::Tensor& masks) {
+  const char* op = "quadratic_damage";
+  TORCH_CHECK(gram.dim() == 2 && gram.size(0) == gram.size(1), op,
+              ": gram must be a square (C, C) matrix, got shape ", shape_str(gram));
+  check_floating(op, gram, "gram");
+  QuadraticDamageInputs in;
+  in.masks = prepare_masks(op, masks, gram.size(0), gram, "gram");
+  in.gram = gram.to(at::kFloat).contiguous();
+  in.out = at::zeros({masks.size(0)}, gram.options().dtype(at::kFloat));
+  in.empty = masks.size(0) == 0 || gram.size(0) == 0;
+  if (!in.empty) {
+    in.p.gram = in.gram.data_ptr<float>();
+    in.p.C = gram.size(0);
+    in.p.masks = in.masks.data_ptr<uint8_t>();
+    in.p.K = masks.size(0);
+    in.p.damage = in.out.data_ptr<float>();
+  }
+  return in;
+}
+
 }  // namespace glue
 }  // namespace aofp
