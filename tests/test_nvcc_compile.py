@@ -32,7 +32,6 @@ COMMON = [
     "-std=c++17",
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_90,code=compute_90",
-    "--use_fast_math",
     "--expt-relaxed-constexpr",
     "-lineinfo",
     "-O3",
