@@ -198,7 +198,8 @@ def prune_cmd(args: argparse.Namespace) -> int:
         iters_per_half=args.iters_per_half, warmup_iters=args.warmup_iters, lr=args.lr,
         targets=args.targets, max_steps=args.max_steps, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, eval_fn=accuracy(test), device=args.device,
-        seed=args.seed, checkpoint_dir=out / "checkpoint", progress=not args.no_progress,
+        seed=args.seed, checkpoint_dir=out / "checkpoint",
+        progress=not args.no_progress and sys.stderr.isatty(),
         bn_mode=args.bn_mode, out_dir=out)
     _print_summary(result.report)
     print(f"  wrote {out / 'model.pt'} (load with aofp_ext.load or `aofp eval --weights`), "
@@ -274,7 +275,7 @@ def demo(args: argparse.Namespace) -> int:
     result = prune(model, loader, example_inputs=torch.zeros(1, 1, 28, 28), target_flops=0.5,
                    masks_per_step=masks, thresh=0.05, iters_per_half=iph,
                    finetune_epochs=1, finetune_lr=0.01, eval_fn=evaluate, seed=args.seed,
-                   progress=not args.no_progress, out_dir=args.out)
+                   progress=not args.no_progress and sys.stderr.isatty(), out_dir=args.out)
     _print_summary(result.report)
     print(f"  total {time.perf_counter() - t_start:.1f} s")
     if args.out:
@@ -385,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--test-limit", type=_positive, default=None,
                     help="evaluate on the first N test images")
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pr.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (there are none when stderr is not a terminal)")
     pr.set_defaults(func=prune_cmd)
 
     # eval

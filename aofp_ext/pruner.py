@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from . import ops
 from .flops import count_flops
 from .graph import ChannelGroup, Inputs, _as_tuple, analyze, run_quietly
-from .search import LayerSearch, Move, default_iters_per_half, default_warmup_iters, start_steps
+from .search import LayerSearch, default_iters_per_half, default_warmup_iters, start_steps
 from .surgery import prune_channels_
 
 __all__ = ["prune", "PruneResult", "NonFiniteLossError", "accuracy"]
@@ -583,7 +583,7 @@ def _select_targets(groups: Sequence[ChannelGroup], targets: Any,
         chosen = [g for g in groups if g.prunable and g.consumers and g.size >= 2
                   and conv_made(g) and (targets == "all" or g.mask_point is not None)]
         if not chosen:
-            why = "; ".join(f"'{g.name}': {g.reason or 'meets a residual add' if g.prunable else g.reason}"
+            why = "; ".join(f"'{g.name}': {g.reason or 'meets a residual add'}"
                             for g in groups if conv_made(g))[:600]
             raise ValueError(
                 f"no prunable channel group to search in {type(model).__name__} with "

@@ -53,6 +53,7 @@ class Config:
     lenet_masks: int = 64
     lenet_finetune_epochs: int = 1      # full MNIST epochs after each cut
     lenet_floor_halves: int = 100       # the "as far as it goes" run: step limit in halves
+    lenet_k1_max_steps: int = 40000     # the authors' K = 1 run on LeNet (to the target)
     resnet_masks: int = 64
     resnet_max_steps: int = 2000        # K = 64 safety limit
     resnet_finetune_epochs: int = 4     # epochs of the 4,000-image subset after the cut
@@ -62,7 +63,8 @@ class Config:
     seed: int = 0
 
 
-QUICK = Config(lenet_base_epochs=1, lenet_floor_halves=8, resnet_max_steps=60,
+QUICK = Config(lenet_base_epochs=1, lenet_floor_halves=8, lenet_k1_max_steps=600,
+               resnet_max_steps=60,
                resnet_finetune_epochs=1, k1_max_steps=40, train_limit=1024, test_limit=500)
 
 
@@ -126,8 +128,12 @@ def lenet_part(cfg: Config, work: Path) -> dict:
     train = subset(mnist(root, "train"), cfg.train_limit)
     test = subset(mnist(root, "test"), cfg.test_limit)
     test_loader = DataLoader(test, batch_size=1000)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train, batch_size=64, shuffle=True, generator=gen)
+
+    def make_loader() -> DataLoader:  # the same data order for every run
+        return DataLoader(train, batch_size=64, shuffle=True,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+
+    loader = make_loader()
 
     base_path = work / f"lenet5-base-{cfg.lenet_base_epochs}ep-{len(train)}.pt"
     torch.manual_seed(cfg.seed)
@@ -165,14 +171,27 @@ def lenet_part(cfg: Config, work: Path) -> dict:
     rows = []
     m = lenet5_bn()
     m.load_state_dict(base)
-    rows.append(run_prune("LeNet-5-BN, target 50 %", m, loader, test_loader, len(test),
+    rows.append(run_prune("LeNet-5-BN, target 50 %", m, make_loader(), test_loader, len(test),
                           target_flops=0.5, **common))
+    # the authors' setting on the same model: one attempt per step priced by one masked
+    # follower forward, 400 steps per half, 500 warm-up steps; small enough to run to the target
+    m = lenet5_bn()
+    m.load_state_dict(base)
+    pruner.PRICING = "loop"
+    try:
+        rows.append(run_prune("LeNet-5-BN, target 50 %, K = 1 (authors)", m, make_loader(),
+                              test_loader, len(test), target_flops=0.5,
+                              **{**common, "masks_per_step": 1, "iters_per_half": 400,
+                                 "warmup_iters": 500, "max_steps": cfg.lenet_k1_max_steps}))
+    finally:
+        pruner.PRICING = "fused"
     # as far as it goes: the target is the floor (one filter per searched layer), so the search
     # runs until its step limit; thresh 0.05 decides where each layer stops shrinking
     m = lenet5_bn()
     m.load_state_dict(base)
     floor = 29_000 / 2_293_000  # conv1 1 filter, conv2 1 filter: 14,400 + 1,600 + 8,000 + 5,000
-    rows.append(run_prune("LeNet-5-BN, smallest reached", m, loader, test_loader, len(test),
+    rows.append(run_prune("LeNet-5-BN, smallest reached", m, make_loader(), test_loader,
+                          len(test),
                           target_flops=math.ceil(floor * 1e4) / 1e4,
                           max_steps=warm + cfg.lenet_floor_halves * iph, **common))
     return {"base_accuracy": base_acc, "base_seconds": base_seconds,
@@ -271,6 +290,8 @@ def markdown(results: dict, argv: list[str]) -> str:
             "",
             *table(a["rows"]),
             "",
+            *compare(a["rows"][0], a["rows"][1:2]),
+            "",
         ]
     if "resnet" in results:
         b = results["resnet"]
@@ -288,19 +309,53 @@ def markdown(results: dict, argv: list[str]) -> str:
             *table(b["rows"]),
             "",
         ]
-        for r in rest:
-            if r["stop_reason"] == "target":
-                ratio = k64["steps"] / r["steps"]
-                lines.append(f"K = {k64['settings']['masks_per_step']} needed {ratio:.3f} of the "
-                             f"steps of K = 1 ({k64['steps']} vs {r['steps']}).")
-            else:
-                lines.append(
-                    f"K = 1 did not reach the target within its cap of {r['steps']:,} steps "
-                    f"(MACs at {r['macs_fraction']:.1%}, {r['halves']} decisions over 27 layers); "
-                    f"K = {k64['settings']['masks_per_step']} reached it in {k64['steps']} steps "
-                    f"({k64['halves']} decisions), i.e. in less than "
-                    f"{k64['steps'] / r['steps']:.3f} of the steps K = 1 needs.")
+        lines += compare(k64, rest)
     return "\n".join(lines) + "\n"
+
+
+def pruned_after(moves: list[dict], halves: int) -> int:
+    """Channels pruned by each layer's first ``halves`` decisions."""
+    per: dict[str, int] = {}
+    total = 0
+    for m in moves:
+        n = per.get(m["layer"], 0)
+        if n < halves:
+            total += len(m["pruned"])
+        per[m["layer"]] = n + 1
+    return total
+
+
+def decisions(moves: list[dict]) -> int:
+    """Decisions completed by every layer (the least of them)."""
+    per: dict[str, int] = {}
+    for m in moves:
+        per[m["layer"]] = per.get(m["layer"], 0) + 1
+    return min(per.values()) if per else 0
+
+
+def compare(fast: dict, slows: list[dict]) -> list[str]:
+    """Steps to the target, and channels pruned after the same number of halves per layer."""
+    out = []
+    K = fast["settings"]["masks_per_step"]
+    for r in slows:
+        k = r["settings"]["masks_per_step"]
+        if fast["stop_reason"] == "target" and r["stop_reason"] == "target":
+            out.append(f"- steps to the target: K = {K} {fast['steps']:,}, K = {k} "
+                       f"{r['steps']:,}: ratio {fast['steps'] / r['steps']:.4f} "
+                       f"(1/{r['steps'] / fast['steps']:.0f}).")
+        elif fast["stop_reason"] == "target":
+            out.append(f"- K = {k} did not reach the target within its cap of {r['steps']:,} "
+                       f"steps (MACs at {r['macs_fraction']:.1%}); K = {K} reached it in "
+                       f"{fast['steps']:,} steps, i.e. in less than "
+                       f"{fast['steps'] / r['steps']:.4f} (1/{r['steps'] / fast['steps']:.1f}) "
+                       f"of the steps K = {k} needs.")
+        else:
+            out.append(f"- K = {K} did not reach the target within {fast['steps']:,} steps.")
+        h = decisions(r["moves"])
+        out.append(f"- after {h} decision(s) per layer (every layer's first {h} halves): "
+                   f"K = {K} had pruned {pruned_after(fast['moves'], h)} channels, K = {k} "
+                   f"{pruned_after(r['moves'], h)}.")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,7 +118,7 @@ def _targets(model, example, names, bn_mode):
 
 
 @pytest.mark.parametrize("case", ["lenet-batch", "lenet-running", "resnet8", "projection-all"])
-def test_price_equals_masked_forwards(case: str) -> None:
+def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
     torch.manual_seed(0)
     if case.startswith("lenet"):
         model, x = lenet5_bn(), torch.randn(16, 1, 28, 28)
@@ -150,7 +150,8 @@ def test_price_equals_masked_forwards(case: str) -> None:
                     keep[link.pos_full] = t.search.alive[link.chan_full].float()
         c.keep, c.capture = keep, True
     hooks = [h for c in consumers.values() for h in (
-        c.module.register_forward_pre_hook(c.pre_hook), c.module.register_forward_hook(c.post_hook))]
+        c.module.register_forward_pre_hook(c.pre_hook),
+        c.module.register_forward_hook(c.post_hook))]
     model(x)
     for h in hooks:
         h.remove()
@@ -169,6 +170,9 @@ def test_price_equals_masked_forwards(case: str) -> None:
         got = pruner._price(t, masks)
         want = _reference_t(model, t, x, masks, base_keep, bn_eval=bn_mode == "running")
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (t.name, got, want)
+        monkeypatch.setattr(pruner, "PRICING", "loop")  # the authors' way, for the K = 1 bench
+        assert torch.allclose(pruner._price(t, masks), want, rtol=1e-4, atol=1e-7)
+        monkeypatch.setattr(pruner, "PRICING", "fused")
 
 
 def test_macs_bookkeeping_equals_count_flops_after_the_cut() -> None:
@@ -309,7 +313,9 @@ def test_no_prunable_groups() -> None:
     class Residual(nn.Module):  # the only conv group meets a residual add
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 10)
+            self.a = nn.Conv2d(1, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 10)
 
         def forward(self, x):
             y = F.relu(self.a(x))
