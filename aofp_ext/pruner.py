@@ -404,6 +404,12 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _loader_generator(loader: Iterable) -> torch.Generator | None:
+    """A DataLoader's own ``generator`` (it decides the shuffling order), if it has one."""
+    gen = getattr(loader, "generator", None)
+    return gen if isinstance(gen, torch.Generator) else None
+
+
 class _Batches:
     """Cycles through ``loader`` epoch after epoch, remembering where it is, so that a resumed
     run sees the same batches: the RNG state at the start of the epoch (which decides a shuffling
@@ -417,8 +423,7 @@ class _Batches:
         self.epoch_rng: dict[str, Any] | None = None
 
     def _loader_gen(self) -> torch.Generator | None:
-        gen = getattr(self.loader, "generator", None)
-        return gen if isinstance(gen, torch.Generator) else None
+        return _loader_generator(self.loader)
 
     def _start_epoch(self) -> None:
         self.epoch_rng = _rng_state(self._loader_gen())
@@ -919,7 +924,8 @@ def prune(
         info["steps"] = step
         phase = "finetune"
         ft_state: dict[str, Any] | None = None
-        ckpt.save(_finetune_state(model, None, 0, step, config, history, timing, info))
+        ckpt.save(_finetune_state(model, None, 0, step, config, history, timing, info,
+                                  rng=_rng_state(_loader_generator(train_loader))))
     else:
         plan = dict(saved["info"]["plan"])
         if plan:
@@ -982,7 +988,7 @@ def _finetune(model: nn.Module, loader: Iterable, example: tuple[torch.Tensor, .
         first = int(saved["epoch"])
         if saved["optimizer"] is not None:
             opt.load_state_dict(saved["optimizer"])
-        _set_rng_state(saved["rng"])
+        _set_rng_state(saved["rng"], _loader_generator(loader))
     per_epoch = len(loader) if hasattr(loader, "__len__") else None
     total = epochs * per_epoch if per_epoch else None
     bar = _bar(progress, total=total, initial=first * (per_epoch or 0), desc="finetune",
@@ -1019,7 +1025,8 @@ def _finetune(model: nn.Module, loader: Iterable, example: tuple[torch.Tensor, .
                 bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}",
                                 lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
             timing["finetune"] = base + time.perf_counter() - t0
-            ckpt.save(_finetune_state(model, opt, epoch + 1, step, config, history, timing, info))
+            ckpt.save(_finetune_state(model, opt, epoch + 1, step, config, history, timing, info,
+                                      rng=_rng_state(_loader_generator(loader))))
     finally:
         bar.close()
     timing["finetune"] = base + time.perf_counter() - t0

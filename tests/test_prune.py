@@ -235,13 +235,24 @@ def test_prune_lenet_on_mnist_end_to_end(mnist_small, tmp_path) -> None:
         assert torch.allclose(fresh(x_probe), model(x_probe), atol=1e-5)
 
 
-def _run(data, folder, **kw):
+def _run(data, folder, finetune_epochs=1, **kw):
     torch.manual_seed(123)  # the run reseeds; this only proves the outside RNG does not matter
     return aofp_ext.prune(
         trained_lenet(data), loader(data, n=384, seed=5), example_inputs=LENET_IN,
         target_flops=0.55, masks_per_step=8, thresh=0.08, iters_per_half=2, warmup_iters=1,
-        max_steps=40, finetune_epochs=1, progress=False, checkpoint_dir=folder,
+        max_steps=40, finetune_epochs=finetune_epochs, progress=False, checkpoint_dir=folder,
         checkpoint_every=4, **kw)
+
+
+def _same_models(a: nn.Module, b: nn.Module) -> None:
+    rec_a, rec_b = pruning_record(a), pruning_record(b)
+    assert rec_a.keep.keys() == rec_b.keep.keys() and rec_a.keep
+    for k in rec_a.keep:
+        assert torch.equal(rec_a.keep[k], rec_b.keep[k])
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
 
 
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(mnist_small, tmp_path) -> None:
@@ -263,19 +274,35 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(mnist_small, t
     assert full.report["history"] == resumed.report["history"]
     assert full.report["steps"] == resumed.report["steps"]
     assert any(m["action"] == "prune" and m["step"] > 4 for m in full.report["history"])
-    rec_a, rec_b = pruning_record(full.model), pruning_record(resumed.model)
-    assert rec_a.keep.keys() == rec_b.keep.keys() and rec_a.keep
-    for k in rec_a.keep:
-        assert torch.equal(rec_a.keep[k], rec_b.keep[k])
-    sa, sb = full.model.state_dict(), resumed.model.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    _same_models(full.model, resumed.model)
     # a finished folder: calling again returns the same model without running anything
     again = _run(mnist_small, tmp_path / "b")
     assert again.report["resumed_from"].startswith("done")
-    for k, v in again.model.state_dict().items():
-        assert torch.equal(v, sb[k])
+    _same_models(again.model, full.model)
+
+
+def test_resume_during_finetuning(mnist_small, tmp_path) -> None:
+    full = _run(mnist_small, tmp_path / "a", finetune_epochs=2)
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def loss_fn(out, y):  # called once per search step, then once per finetune step
+        calls.append(1)
+        if len(calls) == full.report["steps"] + 6 + 3:  # 6 batches per epoch: in epoch 2
+            raise Stop
+        return F.cross_entropy(out, y)
+
+    with pytest.raises(Stop):
+        _run(mnist_small, tmp_path / "b", finetune_epochs=2, loss_fn=loss_fn)
+    saved = torch.load(tmp_path / "b" / pruner.CHECKPOINT_NAME, weights_only=True)
+    assert saved["phase"] == "finetune" and saved["epoch"] == 1
+    resumed = _run(mnist_small, tmp_path / "b", finetune_epochs=2)
+    assert resumed.report["resumed_from"].startswith("finetune")
+    assert resumed.report["history"] == full.report["history"]
+    assert resumed.report["accuracy_after_search"] == full.report["accuracy_after_search"]
+    _same_models(full.model, resumed.model)
 
 
 # ---- bad input ------------------------------------------------------------------------------
