@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -175,8 +176,10 @@ def machine() -> str:
         model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
     except Exception:  # pragma: no cover
         model = platform.processor() or "unknown CPU"
-    return (f"{model}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-            f"Python {platform.python_version()}")
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch "
+            f"{torch.__version__}; Python {platform.python_version()}; load average at the end "
+            f"{load} (other processes share the cores when it exceeds 0)")
 
 
 def main(argv=None) -> int:
