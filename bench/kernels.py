@@ -179,7 +179,7 @@ def machine() -> str:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch "
             f"{torch.__version__}; Python {platform.python_version()}; load average at the end "
-            f"{load} (other processes share the cores when it exceeds 0)")
+            f"{load} (this benchmark alone accounts for about 2; more means other processes shared the cores)")
 
 
 def main(argv=None) -> int:

@@ -100,8 +100,14 @@ def stderr_pts(acc: float, n: int) -> float:
 
 def run_prune(name: str, model, train, test_loader, n_test: int, **kw) -> dict:
     t0, c0, l0 = time.perf_counter(), time.process_time(), load()
+
+    def log(step: int, info: dict) -> None:  # a line every 100 steps when there is no bar
+        if step % 100 == 0 and not sys.stderr.isatty():
+            print(f"  [{name}] step {step}: MACs {info['macs_fraction']:.3f}, loss "
+                  f"{info['loss']:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
+
     result = aofp_ext.prune(model, train, eval_fn=aofp_ext.accuracy(test_loader),
-                            progress=sys.stderr.isatty(), **kw)
+                            progress=sys.stderr.isatty(), callback=log, **kw)
     r = result.report
     row = {k: r[k] for k in ("steps", "stop_reason", "macs_before", "macs_after",
                              "macs_fraction", "params_before", "params_after", "search_seconds",
