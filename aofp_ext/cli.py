@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="prune LeNet-5-BN on the shipped MNIST to <= 50%% MACs (a few minutes on "
         "a laptop CPU); --pricing: the kernel pricing demo on ResNet-56",
         description="Default: LeNet-5-BN on the shipped MNIST, trained for one short epoch "
-        "(unless --weights), pruned with AOFP to <= 50%% of its MACs and finetuned for one "
+        "(unless --weights), pruned with AOFP to <= 50 % of its MACs and finetuned for one "
         "short epoch; prints accuracy before and after, MACs, widths and time. With --pricing: "
         "price filter masks of a pretrained ResNet-56 layer on shipped CIFAR-10 images, fused "
         "kernel vs the loop of masked forwards.")
