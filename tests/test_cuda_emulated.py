@@ -24,6 +24,8 @@ import torch
 
 from aofp_ext import ops
 
+from _cases import assert_damage_close, rand_case
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 EMU = ROOT / "tests" / "cuda_emu"
@@ -161,35 +163,6 @@ def emu_masked_damage(driver, tmp, x, w, masks, *, bias=None, stride=1, padding=
         blobs["budget"] = i64(*budget)
     out = run_driver(driver, "masked_damage", blobs, tmp)
     return torch.from_numpy(np.frombuffer(out["damage"], dtype=np.float32).copy())
-
-
-def rand_case(gen, *, N, C, O, H=None, W=None, k=3, K=9, bias=True, norm="none", linear=False):
-    if linear:
-        x = torch.randn(N, C, generator=gen).relu_()
-        w = torch.randn(O, C, generator=gen) / C**0.5
-    else:
-        x = torch.randn(N, C, H, W if W is not None else H, generator=gen).relu_()
-        w = torch.randn(O, C, k, k, generator=gen) / (C * k * k) ** 0.5
-    masks = torch.rand(K, C, generator=gen) < torch.rand(K, 1, generator=gen)
-    masks[0] = True           # all keep: exactly 0
-    if K > 1:
-        masks[1] = False      # all drop
-    kw = {"bias": torch.randn(O, generator=gen) if bias else None}
-    if norm != "none":
-        kw["scale"] = torch.rand(O, generator=gen) + 0.5
-        kw["shift"] = torch.randn(O, generator=gen) * 0.2
-    return x, w, masks, kw
-
-
-def assert_damage_close(got, ref, rtol=1e-4, atol_frac=1e-5):
-    ref, got = ref.double(), got.double()
-    atol = atol_frac * float(ref.abs().max()) if ref.numel() else 0.0
-    err = (got - ref).abs()
-    bad = err > atol + rtol * ref.abs()
-    assert not bool(bad.any()), (
-        f"max abs err {float(err.max()):.3e} (atol {atol:.3e}) at masks "
-        f"{bad.nonzero().flatten().tolist()[:8]}; got {got[bad][:4].tolist()} "
-        f"want {ref[bad][:4].tolist()}")
 
 
 # Budgets: the default (one chunk), small Z (chunks of 128 positions), tiny masks (chunks of 128

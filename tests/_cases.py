@@ -1,0 +1,39 @@
+"""Random follower cases and the damage comparison shared by the op tests (CPU, CUDA, emulated)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rand_case(gen, *, N, C, O, H=None, W=None, k=3, K=9, bias=True, norm="none", linear=False):
+    """Random follower input (post-ReLU, so with a large mean), weights, masks (row 0 keeps all,
+    row 1 drops all), BN parameters; on the CPU (move with `dev`)."""
+    if linear:
+        x = torch.randn(N, C, generator=gen).relu_()
+        w = torch.randn(O, C, generator=gen) / C**0.5
+    else:
+        x = torch.randn(N, C, H, W if W is not None else H, generator=gen).relu_()
+        w = torch.randn(O, C, k, k, generator=gen) / (C * k * k) ** 0.5
+    masks = torch.rand(K, C, generator=gen) < torch.rand(K, 1, generator=gen)
+    masks[0] = True
+    if K > 1:
+        masks[1] = False
+    kw = {"bias": torch.randn(O, generator=gen) if bias else None}
+    if norm != "none":
+        kw["scale"] = torch.rand(O, generator=gen) + 0.5
+        kw["shift"] = torch.randn(O, generator=gen) * 0.2
+    return x, w, masks, kw
+
+
+def assert_damage_close(got, ref, rtol=1e-4, atol_frac=1e-5):
+    assert got.dtype == torch.float32 and got.shape == ref.shape, (got.dtype, got.shape, ref.shape)
+    ref = ref.detach().to("cpu", torch.float64)
+    got = got.detach().to("cpu", torch.float64)
+    atol = atol_frac * float(ref.abs().max()) if ref.numel() else 0.0
+    err = (got - ref).abs()
+    bad = err > atol + rtol * ref.abs()
+    assert not bool(bad.any()), (
+        f"max abs err {float(err.max()):.3e}, max rel err "
+        f"{float((err / ref.abs().clamp_min(1e-30)).max()):.3e} at masks "
+        f"{bad.nonzero().flatten().tolist()[:8]}; got {got[bad][:4].tolist()} "
+        f"want {ref[bad][:4].tolist()}")
