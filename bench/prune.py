@@ -55,6 +55,10 @@ class Config:
     lenet_floor_halves: int = 100       # the "as far as it goes" run: step limit in halves
     lenet_k1_max_steps: int = 40000     # the authors' K = 1 run on LeNet (to the target)
     resnet_masks: int = 64
+    # The authors' ResNet-56 thresh is 0.01. Here single-filter damages are 0.01-0.02 in stages
+    # 1-2, so at 0.01 most moves prune one filter after ~5 halves and the search crawls (see
+    # bench/results/prune.md); 0.05 lets a layer prune 2-4 filters per move.
+    resnet_thresh: float = 0.05
     resnet_max_steps: int = 2000        # K = 64 safety limit
     resnet_finetune_epochs: int = 4     # epochs of the 4,000-image subset after the cut
     k1_max_steps: int | None = None     # None: 20x the K = 64 steps, plus one
@@ -98,11 +102,15 @@ def stderr_pts(acc: float, n: int) -> float:
     return 100 * math.sqrt(max(p * (1 - p), 1e-12) / n)
 
 
+def _dump(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str))
+
+
 def run_prune(name: str, model, train, test_loader, n_test: int, **kw) -> dict:
     t0, c0, l0 = time.perf_counter(), time.process_time(), load()
 
     def log(step: int, info: dict) -> None:  # a line every 100 steps when there is no bar
-        if step % 100 == 0 and not sys.stderr.isatty():
+        if step % 50 == 0 and not sys.stderr.isatty():
             print(f"  [{name}] step {step}: MACs {info['macs_fraction']:.3f}, loss "
                   f"{info['loss']:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -210,7 +218,7 @@ def lenet_part(cfg: Config, work: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def resnet_part(cfg: Config, work: Path) -> dict:
+def resnet_part(cfg: Config, work: Path, reuse_k64: str | None = None) -> dict:
     root = default_data_dir() / "cifar10-subset" / "cifar-10-batches-py"
     weights = default_data_dir() / "weights" / "resnet56-4bfd9763.th"
     train = subset(cifar10(root, "train"), cfg.train_limit)
@@ -224,14 +232,22 @@ def resnet_part(cfg: Config, work: Path) -> dict:
         return DataLoader(train, batch_size=64, shuffle=True,
                           generator=torch.Generator().manual_seed(cfg.seed))
 
-    common = dict(example_inputs=torch.zeros(1, 3, 32, 32), target_flops=0.5, thresh=0.01,
+    common = dict(example_inputs=torch.zeros(1, 3, 32, 32), target_flops=0.5,
+                  thresh=cfg.resnet_thresh,
                   finetune_epochs=cfg.resnet_finetune_epochs, finetune_lr=0.01, seed=cfg.seed)
     rows = []
     pruner.PRICING = "fused"
-    rows.append(run_prune(f"ResNet-56, K = {cfg.resnet_masks} (fused)", fresh(), loader(),
-                          test_loader, len(test), masks_per_step=cfg.resnet_masks,
-                          max_steps=cfg.resnet_max_steps, **common))
-    cap = cfg.k1_max_steps or 20 * rows[0]["steps"] + 1
+    if reuse_k64:  # the K = 64 row of an earlier run (same config), to run only K = 1 now
+        rows = json.loads(Path(reuse_k64).read_text())[:1]
+        print(f"[resnet] K = {cfg.resnet_masks} row reused from {reuse_k64}", flush=True)
+    else:
+        rows.append(run_prune(f"ResNet-56, K = {cfg.resnet_masks} (fused)", fresh(), loader(),
+                              test_loader, len(test), masks_per_step=cfg.resnet_masks,
+                              max_steps=cfg.resnet_max_steps, **common))
+        _dump(work / "prune-results-resnet-k64.json", rows)
+    cap = cfg.k1_max_steps if cfg.k1_max_steps is not None else 20 * rows[0]["steps"] + 1
+    if cap == 0:
+        return {"n_train": len(train), "n_test": len(test), "k1_cap": 0, "rows": rows}
     pruner.PRICING = "loop"   # the authors' way: one masked follower forward per attempt
     try:
         rows.append(run_prune("ResNet-56, K = 1 (authors, one forward per attempt)", fresh(),
@@ -275,7 +291,8 @@ def markdown(results: dict, argv: list[str]) -> str:
         "",
         f"- date: {results['date']}",
         f"- machine: {results['machine']}",
-        f"- command: `python bench/prune.py {' '.join(argv)}`",
+        f"- command: `{results['command']}`",
+        *(f"- merged from an earlier run: {m}" for m in results.get("merged", [])),
         f"- config: `{json.dumps(results['config'])}`",
         "- accuracies are top-1 percent ± one standard error of the test-set estimate "
         "(sqrt(p(1-p)/n)); MACs per image (conv + Linear); `load` is the 1-minute load average "
@@ -307,10 +324,13 @@ def markdown(results: dict, argv: list[str]) -> str:
             f"{b['n_test']:,} test), CPU",
             "",
             f"Base accuracy {_acc(k64['accuracy_before'], b['n_test'])} %, "
-            f"{k64['macs_before']:,} MACs. Target 50 % of the MACs, thresh 0.01, the 27 first "
+            f"{k64['macs_before']:,} MACs. Target 50 % of the MACs, thresh "
+            f"{k64['settings']['thresh']}, the 27 first "
             "convs of the blocks, defaults iters_per_half = ceil(1000 / K), warm-up "
             f"ceil(500 / K); finetune {k64['settings']['finetune_epochs']} epochs of the subset, "
-            f"lr 0.01 cosine. The K = 1 run is capped at {b['k1_cap']:,} steps.",
+            f"lr 0.01 cosine. "
+            + (f"The K = 1 run is capped at {b['k1_cap']:,} steps." if b["k1_cap"] else
+               "(No K = 1 run.)"),
             "",
             *table(b["rows"]),
             "",
@@ -370,7 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=["lenet", "resnet", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--k1-max-steps", type=int, default=None,
-                   help="cap of the ResNet-56 K = 1 run (default: 20x the K = 64 steps + 1)")
+                   help="cap of the ResNet-56 K = 1 run (default: 20x the K = 64 steps + 1; "
+                   "0: skip it)")
+    p.add_argument("--resnet-thresh", type=float, default=None,
+                   help="thresh of the ResNet-56 runs (default 0.05; the authors: 0.01)")
+    p.add_argument("--reuse-k64", metavar="JSON",
+                   help="take the ResNet-56 K = 64 row from prune-results-resnet-k64.json of an "
+                   "earlier run with the same config (run only K = 1)")
+    p.add_argument("--merge", nargs="*", metavar="JSON",
+                   help="include the parts found in these result files of earlier runs")
     p.add_argument("--work", default=None,
                    help="folder for the base LeNet weights and the JSON results "
                    "(default: a temporary folder)")
@@ -379,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = QUICK if args.quick else Config()
     if args.k1_max_steps is not None:
         cfg = Config(**{**asdict(cfg), "k1_max_steps": args.k1_max_steps})
+    if args.resnet_thresh is not None:
+        cfg = Config(**{**asdict(cfg), "resnet_thresh": args.resnet_thresh})
     if args.work:
         work = Path(args.work)
     else:
@@ -388,11 +418,24 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                      "machine": machine(), "config": asdict(cfg)}
+    for path in args.merge or []:  # parts measured by an earlier run of this script
+        earlier = json.loads(Path(path).read_text())
+        for part in ("lenet", "resnet"):
+            if part in earlier:
+                results[part] = earlier[part]
+                results.setdefault("merged", []).append(
+                    f"{part}: {earlier['date']}, `{earlier.get('command', '?')}`")
+    results["command"] = "python bench/prune.py " + " ".join(argv)
     if args.part in ("lenet", "all"):
         results["lenet"] = lenet_part(cfg, work)
+        _dump(work / "prune-results-lenet.json", {**results, "resnet": None})
     if args.part in ("resnet", "all"):
-        results["resnet"] = resnet_part(cfg, work)
-    (work / "prune-results.json").write_text(json.dumps(results, indent=1, default=str))
+        results["resnet"] = resnet_part(cfg, work, args.reuse_k64)
+        if args.reuse_k64:
+            results.setdefault("merged", []).append(
+                f"the ResNet-56 K = {cfg.resnet_masks} row: {args.reuse_k64} (same config)")
+    results = {k: v for k, v in results.items() if v is not None}
+    _dump(work / "prune-results.json", results)
     md = markdown(results, argv)
     print("\n" + md)
     if args.out:

@@ -394,3 +394,23 @@ def test_nan_loss_stops_saves_and_says_so(tmp_path) -> None:
         aofp_ext.prune(lenet5_bn(), _small_loader(), example_inputs=LENET_IN,
                        loss_fn=lambda o, y: F.cross_entropy(o, y) * float("inf"),
                        progress=False)
+
+
+def test_targets_all_and_named_groups_end_to_end() -> None:
+    # a residual stream coupled through adds (targets="all") and a Linear-made group (by name)
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 5, (64,))
+    data = DataLoader(TensorDataset(x, y), batch_size=32)
+    net = ProjectionNet()
+    r = aofp_ext.prune(net, data, example_inputs=x[:1], target_flops=0.8, targets="all",
+                       masks_per_step=4, thresh=10.0, iters_per_half=1, warmup_iters=0,
+                       progress=False).report
+    assert "b1_out.0" in r["targets"] and r["reached_target"]
+    assert aofp_ext.count_flops(net, x[:1])[0] == r["macs_after"]
+    assert net(x).shape == (64, 5)
+    lenet = lenet5_bn()
+    r = aofp_ext.prune(lenet, _small_loader(), example_inputs=LENET_IN, target_flops=0.9,
+                       targets=["fc1"], masks_per_step=4, thresh=10.0, iters_per_half=1,
+                       warmup_iters=0, progress=False).report
+    assert r["targets"] == ["fc1"] and lenet.fc1.out_features == r["widths_after"]["fc1"] < 500
+    assert lenet.fc2.in_features == lenet.fc1.out_features
