@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import aofp_ext  # noqa: E402
-from aofp_ext import pruner  # noqa: E402
+from aofp_ext import pricing  # noqa: E402
 from aofp_ext.data import cifar10, default_data_dir, mnist  # noqa: E402
 from aofp_ext.models import lenet5_bn, load_pretrained, resnet56  # noqa: E402
 
@@ -124,7 +124,7 @@ def run_prune(name: str, model, train, test_loader, n_test: int, **kw) -> dict:
     row.update(name=name, settings=r["settings"], wall=time.perf_counter() - t0,
                cpu=time.process_time() - c0, load_start=l0, load_end=load(),
                halves=sum(1 for m in r["history"]), moves=r["history"], n_test=n_test,
-               pricing=pruner.PRICING)
+               pricing=pricing.PRICING)
     print(f"[{name}] steps {row['steps']} ({row['stop_reason']}), MACs "
           f"{row['macs_fraction']:.3f}, search {row['search_seconds']:.0f} s, acc "
           f"{row['accuracy_before']:.2f} -> {row['accuracy_after_search']:.2f} -> "
@@ -191,14 +191,14 @@ def lenet_part(cfg: Config, work: Path) -> dict:
     # follower forward, 400 steps per half, 500 warm-up steps; small enough to run to the target
     m = lenet5_bn()
     m.load_state_dict(base)
-    pruner.PRICING = "loop"
+    pricing.PRICING = "loop"
     try:
         rows.append(run_prune("LeNet-5-BN, target 50 %, K = 1 (authors)", m, make_loader(),
                               test_loader, len(test), target_flops=0.5,
                               **{**common, "masks_per_step": 1, "iters_per_half": 400,
                                  "warmup_iters": 500, "max_steps": cfg.lenet_k1_max_steps}))
     finally:
-        pruner.PRICING = "fused"
+        pricing.PRICING = "fused"
     # as far as it goes: the target is the floor (one filter per searched layer), so the search
     # runs until its step limit; thresh 0.05 decides where each layer stops shrinking
     m = lenet5_bn()
@@ -236,7 +236,7 @@ def resnet_part(cfg: Config, work: Path, reuse_k64: str | None = None) -> dict:
                   thresh=cfg.resnet_thresh,
                   finetune_epochs=cfg.resnet_finetune_epochs, finetune_lr=0.01, seed=cfg.seed)
     rows = []
-    pruner.PRICING = "fused"
+    pricing.PRICING = "fused"
     if reuse_k64:  # the K = 64 row of an earlier run (same config), to run only K = 1 now
         rows = json.loads(Path(reuse_k64).read_text())[:1]
         print(f"[resnet] K = {cfg.resnet_masks} row reused from {reuse_k64}", flush=True)
@@ -248,13 +248,13 @@ def resnet_part(cfg: Config, work: Path, reuse_k64: str | None = None) -> dict:
     cap = cfg.k1_max_steps if cfg.k1_max_steps is not None else 20 * rows[0]["steps"] + 1
     if cap == 0:
         return {"n_train": len(train), "n_test": len(test), "k1_cap": 0, "rows": rows}
-    pruner.PRICING = "loop"   # the authors' way: one masked follower forward per attempt
+    pricing.PRICING = "loop"   # the authors' way: one masked follower forward per attempt
     try:
         rows.append(run_prune("ResNet-56, K = 1 (authors, one forward per attempt)", fresh(),
                               loader(), test_loader, len(test), masks_per_step=1, max_steps=cap,
                               **common))
     finally:
-        pruner.PRICING = "fused"
+        pricing.PRICING = "fused"
     return {"n_train": len(train), "n_test": len(test), "k1_cap": cap, "rows": rows}
 
 

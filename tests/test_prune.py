@@ -14,7 +14,7 @@ from _nets import ProjectionNet, data_dir
 from torch.utils.data import DataLoader, TensorDataset
 
 import aofp_ext
-from aofp_ext import pruner
+from aofp_ext import pricing, pruner
 from aofp_ext.data import mnist
 from aofp_ext.graph import analyze
 from aofp_ext.models import lenet5_bn, resnet_cifar
@@ -110,9 +110,9 @@ def _targets(model, example, names, bn_mode):
         links = []
         for cname in dict.fromkeys(s.module for s in g.consumers):
             if cname not in consumers:
-                consumers[cname] = pruner._consumer_for(model, a.gm, cname, bn_mode, name)
-            links.append(pruner._link(g, consumers[cname]))
-        out.append(pruner._Target(g, LayerSearch(name, g.size, start=0, iters_per_half=1,
+                consumers[cname] = pricing.consumer_for(model, a.gm, cname, bn_mode, name)
+            links.append(pricing.link(g, consumers[cname]))
+        out.append(pricing.Target(g, LayerSearch(name, g.size, start=0, iters_per_half=1,
                                                  thresh=0.1), links))
     return out, consumers
 
@@ -167,22 +167,22 @@ def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
         c.keep = None  # the reference applies its own masks
     for t in tgts:
         masks = t.search.draw(6, gen)
-        got = pruner._price(t, masks)
+        got = pricing.price(t, masks)
         want = _reference_t(model, t, x, masks, base_keep, bn_eval=bn_mode == "running")
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (t.name, got, want)
-        monkeypatch.setattr(pruner, "PRICING", "loop")  # the authors' way, for the K = 1 bench
-        assert torch.allclose(pruner._price(t, masks), want, rtol=1e-4, atol=1e-7)
-        monkeypatch.setattr(pruner, "PRICING", "fused")
+        monkeypatch.setattr(pricing, "PRICING", "loop")  # the authors' way, for the K = 1 bench
+        assert torch.allclose(pricing.price(t, masks), want, rtol=1e-4, atol=1e-7)
+        monkeypatch.setattr(pricing, "PRICING", "fused")
 
 
 def test_macs_bookkeeping_equals_count_flops_after_the_cut() -> None:
     gen = torch.Generator().manual_seed(0)
     for model, example in ((lenet5_bn(), LENET_IN), (resnet_cifar(20), torch.zeros(1, 3, 32, 32))):
         a = analyze(model, example)
-        groups = pruner._select_targets(a.groups, "auto", model)
-        tgts = [pruner._Target(g, LayerSearch(g.name, g.size, start=0, iters_per_half=1,
+        groups = pricing.select_targets(a.groups, "auto", model)
+        tgts = [pricing.Target(g, LayerSearch(g.name, g.size, start=0, iters_per_half=1,
                                               thresh=0.1), []) for g in groups]
-        macs = pruner._Macs(model, example, tgts)
+        macs = pricing.MacsModel(model, example, tgts)
         assert macs.total == aofp_ext.count_flops(model, example)[0]
         for t in tgts:
             n = int(torch.randint(1, t.group.size, (), generator=gen))

@@ -1,0 +1,401 @@
+"""Where a target group's attempts are priced, and what a set of base masks costs in MACs.
+
+Shared by every selection method (:mod:`aofp_ext.pruner`, :mod:`aofp_ext.criteria`):
+
+- :class:`Consumer`: a conv/Linear reading target channels, with forward hooks that apply the
+  base masks at its input and capture that input (and ``||Y_base||^2`` of its output) for pricing;
+- :class:`Link` / :class:`Target`: a channel group's channels at each consumer input;
+- :func:`price`: the damage of K masks of one target, summed over its consumers and captured
+  batches, through :func:`aofp_ext.ops.masked_damage`;
+- :class:`MacsModel`: the MACs the model would have after cutting given base masks, without
+  cutting it; :func:`select_targets`: the ``targets=`` rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .graph import ChannelGroup, Inputs, _as_tuple, run_quietly
+from .search import LayerSearch
+
+__all__ = ["Consumer", "Link", "Target", "find_follower", "consumer_for", "link", "price",
+           "PRICING", "MacsModel", "select_targets", "build_targets"]
+
+# --------------------------------------------------------------------------------------------
+# Followers: where a target's attempts are priced
+# --------------------------------------------------------------------------------------------
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_}
+
+
+def is_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+@dataclass(eq=False)
+class Consumer:
+    """A conv/Linear that reads target channels: its base mask and what one step captured."""
+
+    name: str
+    module: nn.Module
+    width: int                      # size of its input dim
+    norm: str                       # "none" | "batch" | "affine"
+    bn: nn.Module | None
+    post: str                       # "none" | "relu"
+    keep: torch.Tensor | None = None   # (width,) float, the base masks at its input
+    capture: bool = False
+    calls: list[tuple[torch.Tensor, float]] = field(default_factory=list)  # (x, ||Y_base||^2)
+    _x: torch.Tensor | None = None
+
+    def geometry(self) -> dict[str, Any]:
+        m = self.module
+        if isinstance(m, nn.Linear):
+            return {}
+        return {"stride": m.stride, "padding": m.padding, "dilation": m.dilation}
+
+    def norm_terms(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(scale, shift, eps) of the follower's BN in the pricing mode."""
+        bn = self.bn
+        if bn is None:
+            return None, None, 1e-5
+        n = bn.num_features
+        ref = next(self.module.parameters())
+        w = bn.weight.detach() if bn.weight is not None else torch.ones(n, device=ref.device)
+        b = bn.bias.detach() if bn.bias is not None else torch.zeros(n, device=ref.device)
+        if self.norm == "affine":
+            inv = torch.rsqrt(bn.running_var.detach() + bn.eps)
+            return w * inv, b - bn.running_mean.detach() * w * inv, bn.eps
+        return w, b, bn.eps
+
+    def output_norm2(self, y: torch.Tensor) -> float:
+        """``||f(y)||^2`` of the unmasked follower output, ``f`` = norm then post."""
+        y = y.detach().float()
+        scale, shift, eps = self.norm_terms()
+        if self.norm == "batch" and self.post == "none":
+            # sum over positions of (g z + b)^2 with z normalised: mean 0, mean z^2 = v/(v+eps)
+            dims = [0, *range(2, y.dim())]
+            var = y.double().var(dim=dims, unbiased=False)
+            positions = y.numel() // y.shape[1]
+            return float((positions * (scale.double() ** 2 * var / (var + eps)
+                                       + shift.double() ** 2)).sum())
+        if self.norm == "batch":
+            y = F.batch_norm(y, None, None, scale, shift, training=True, eps=eps)
+        elif self.norm == "affine":
+            shape = (1, -1) + (1,) * (y.dim() - 2)
+            y = y * scale.view(shape) + shift.view(shape)
+        if self.post == "relu":
+            y = torch.relu(y)
+        return float(y.double().pow(2).sum())
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0]
+        if self.keep is not None:  # (width,) for the whole batch, or (N, width) per sample
+            k = self.keep.to(x.dtype)
+            x = x * (k.view((1, -1) + (1,) * (x.dim() - 2)) if k.dim() == 1
+                     else k.view(k.shape + (1,) * (x.dim() - 2)))
+        if self.capture:
+            self._x = x.detach()
+        return (x, *args[1:]) if self.keep is not None else None
+
+    def post_hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self.capture and self._x is not None:
+            with torch.no_grad():
+                self.calls.append((self._x, self.output_norm2(out)))
+            self._x = None
+
+
+@dataclass
+class Link:
+    """A target's channels at one consumer input: masks ``(K, size)`` -> ``(K, channels)`` of the
+    (possibly viewed) consumer input by ``full[:, pos] = masks[:, chan]``."""
+
+    consumer: Consumer
+    chan: torch.Tensor       # group channel per masked position
+    pos: torch.Tensor        # position in the viewed input
+    pos_full: torch.Tensor   # positions in the consumer's input dim (block-expanded)
+    chan_full: torch.Tensor  # group channel of each of them
+    view_block: int          # Linear after flatten viewed as a conv with a (block, 1) kernel
+
+
+@dataclass
+class Target:
+    group: ChannelGroup
+    search: LayerSearch | None
+    links: list[Link]
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+
+def find_follower(gm: fx.GraphModule, name: str, bn_mode: str) -> tuple[str, Any, str]:
+    """(norm, bn module, post) after the consumer module ``name``: its BN (if its only user is
+    one) and ReLU (if that is the next op)."""
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == name), None)
+    norm, bn, post = "none", None, "none"
+    if node is None:
+        return norm, bn, post
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module" and isinstance(
+            gm.get_submodule(users[0].target), nn.modules.batchnorm._BatchNorm):
+        bn = gm.get_submodule(users[0].target)
+        has_stats = bn.track_running_stats and bn.running_var is not None
+        norm = "affine" if bn_mode == "running" and has_stats else "batch"
+        node = users[0]
+        users = list(node.users)
+    if len(users) == 1 and is_relu(users[0], gm):
+        post = "relu"
+    return norm, bn, post
+
+
+def consumer_for(model: nn.Module, gm: fx.GraphModule, name: str, bn_mode: str,
+                  target: str) -> Consumer:
+    m = model.get_submodule(name)
+    if isinstance(m, nn.Linear):
+        width = m.in_features
+    elif isinstance(m, (nn.Conv2d, nn.Conv1d)):
+        if isinstance(m.padding, str) and m.padding != "valid":
+            raise ValueError(f"target '{target}': its follower '{name}' uses padding="
+                             f"{m.padding!r}; AOFP prices followers with explicit padding only")
+        if m.padding_mode != "zeros":
+            raise ValueError(f"target '{target}': its follower '{name}' uses padding_mode="
+                             f"{m.padding_mode!r}; only zero padding is priced")
+        width = m.in_channels
+    else:
+        raise ValueError(f"target '{target}': its follower '{name}' is a {type(m).__name__}; "
+                         "masked_damage prices Conv1d/Conv2d and Linear followers only (pass "
+                         "targets= without this group)")
+    norm, bn, post = find_follower(gm, name, bn_mode)
+    return Consumer(name, m, width, norm, bn, post)
+
+
+def link(group: ChannelGroup, consumer: Consumer) -> Link:
+    slots = [s for s in group.consumers if s.module == consumer.name]
+    pos_full, chan_full = [], []
+    for s in slots:
+        c = torch.arange(s.length)
+        pos_full.append((s.start + c[:, None] * s.block + torch.arange(s.block)).reshape(-1))
+        chan_full.append((s.group_start + c).repeat_interleave(s.block))
+    pos_full_t, chan_full_t = torch.cat(pos_full), torch.cat(chan_full)
+    blocks = {s.block for s in slots}
+    b = blocks.pop() if len(blocks) == 1 else 1
+    if (b > 1 and isinstance(consumer.module, nn.Linear) and consumer.width % b == 0
+            and all(s.start % b == 0 for s in slots)):
+        pos, chan = pos_full_t[::b] // b, chan_full_t[::b]
+    else:
+        b, pos, chan = 1, pos_full_t, chan_full_t
+    return Link(consumer, chan, pos, pos_full_t, chan_full_t, b)
+
+
+#: How attempts are priced: "fused" (``ops.masked_damage``, one pass for all K attempts) or
+#: "loop" (the authors' way: one masked follower forward per attempt, float32, via
+#: ``ops.masked_damage_reference``). The same numbers up to float32 rounding; bench/prune.py uses
+#: "loop" to time the authors' one-attempt-per-step setting at its own cost.
+PRICING = "fused"
+
+
+def price(target: Target, masks: torch.Tensor) -> torch.Tensor:
+    """``t = sum damage / sum ||Y_base||^2`` over the target's consumers (and their calls)."""
+    damage = torch.zeros(masks.shape[0], dtype=torch.float64)
+    base = 0.0
+    for link in target.links:
+        c = link.consumer
+        m = c.module
+        w = m.weight.detach()
+        bias = m.bias.detach() if m.bias is not None else None
+        scale, shift, eps = c.norm_terms()
+        geo = c.geometry()
+        for x, b2 in c.calls:
+            if link.view_block > 1:     # Linear after flatten: a conv with a (block, 1) kernel
+                b = link.view_block
+                xv = x.reshape(x.shape[0], -1, b, 1)
+                wv = w.reshape(w.shape[0], -1, b, 1)
+                kw: dict[str, Any] = {}
+            elif isinstance(m, nn.Conv1d):  # as a conv2d of width 1
+                xv, wv = x.unsqueeze(-1), w.unsqueeze(-1)
+                kw = {"stride": (geo["stride"][0], 1), "padding": (geo["padding"][0], 0),
+                      "dilation": (geo["dilation"][0], 1)}
+            else:
+                xv, wv, kw = x, w, dict(geo)
+            full = torch.ones(masks.shape[0], xv.shape[1], dtype=torch.bool, device=x.device)
+            full[:, link.pos.to(x.device)] = masks[:, link.chan.to(masks.device)].to(x.device)
+            if PRICING == "loop":
+                d = ops.masked_damage_reference(xv.float(), wv.float(), full, bias=bias, **kw,
+                                                norm=c.norm, scale=scale, shift=shift, eps=eps,
+                                                post=c.post, dtype=torch.float32)
+            else:
+                d = ops.masked_damage(xv.float(), wv.float(), full, bias=bias, **kw,
+                                      norm=c.norm, scale=scale, shift=shift, eps=eps,
+                                      post=c.post)
+            damage += d.to("cpu", torch.float64)
+            base += b2
+    return damage / max(base, 1e-30)
+
+
+# --------------------------------------------------------------------------------------------
+# MACs of the masked model, without cutting it
+# --------------------------------------------------------------------------------------------
+
+
+class MacsModel:
+    """MACs as :func:`aofp_ext.count_flops` would count them after cutting the current base
+    masks: each conv/Linear's MACs scale with its kept input and output fractions."""
+
+    def __init__(self, model: nn.Module, example_inputs: Inputs, targets: list[Target]):
+        base: dict[str, int] = {}
+
+        def hook(name: str) -> Callable:
+            def fn(m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+                if isinstance(m, nn.Linear):
+                    base[name] = base.get(name, 0) + out.numel() * m.in_features
+                else:
+                    base[name] = base.get(name, 0) + out.numel() * (
+                        m.in_channels // m.groups) * prod(m.kernel_size)
+            return fn
+
+        handles = []
+        for name, m in model.named_modules():
+            if (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed) or isinstance(
+                    m, nn.Linear):
+                handles.append(m.register_forward_hook(hook(name)))
+        try:
+            run_quietly(model, lambda *x: model(*x), _as_tuple(example_inputs))
+        finally:
+            for h in handles:
+                h.remove()
+        self.base = base
+        self.total = sum(base.values())
+        # module -> [(dim size, [(target index, channel per position)])] for its in / out dims
+        self.terms: dict[str, dict[str, Any]] = {}
+        for i, t in enumerate(targets):
+            for s in (*t.group.producers, *t.group.consumers):
+                if s.role not in ("out", "in", "depthwise") or s.module not in base:
+                    continue
+                m = model.get_submodule(s.module)
+                entry = self.terms.setdefault(s.module, {"in": [], "out": [], "depthwise": []})
+                chan = (s.group_start + torch.arange(s.length)).repeat_interleave(s.block)
+                entry[s.role].append((i, chan))
+                entry.setdefault("in_size", m.in_features if isinstance(m, nn.Linear)
+                                 else m.in_channels)
+                entry.setdefault("out_size", m.out_features if isinstance(m, nn.Linear)
+                                 else m.out_channels)
+        self.targets = targets
+
+    def _removed(self, refs: list, alive: list[torch.Tensor]) -> int:
+        return sum(int((~alive[i][chan]).sum()) for i, chan in refs)
+
+    def current(self, alive: list[torch.Tensor] | None = None) -> int:
+        alive = alive if alive is not None else [t.search.alive for t in self.targets]
+        total = 0
+        for name, m0 in self.base.items():
+            entry = self.terms.get(name)
+            if entry is None:
+                total += m0
+                continue
+            if entry["depthwise"]:
+                f = 1 - self._removed(entry["depthwise"], alive) / entry["out_size"]
+            else:
+                f = ((1 - self._removed(entry["in"], alive) / entry["in_size"])
+                     * (1 - self._removed(entry["out"], alive) / entry["out_size"]))
+            total += m0 * f
+        return int(round(total))
+
+    def smallest(self) -> int:
+        """MACs with one filter left in every target (the lowest the search can go)."""
+        alive = []
+        for t in self.targets:
+            a = torch.zeros(t.group.size, dtype=torch.bool)
+            a[0] = True
+            alive.append(a)
+        return self.current(alive)
+
+
+
+def select_targets(groups: Sequence[ChannelGroup], targets: Any,
+                    model: nn.Module) -> list[ChannelGroup]:
+    def conv_made(g: ChannelGroup) -> bool:
+        return any(s.role == "out" and isinstance(model.get_submodule(s.module),
+                                                  nn.modules.conv._ConvNd) for s in g.producers)
+
+    if isinstance(targets, str):
+        if targets not in ("auto", "all"):
+            raise ValueError(f"targets must be 'auto', 'all' or a list of group names, got "
+                             f"{targets!r}")
+        chosen = [g for g in groups if g.prunable and g.consumers and g.size >= 2
+                  and conv_made(g) and (targets == "all" or g.mask_point is not None)]
+        if not chosen:
+            why = "; ".join(f"'{g.name}': {g.reason or 'meets a residual add'}"
+                            for g in groups if conv_made(g))[:600]
+            raise ValueError(
+                f"no prunable channel group to search in {type(model).__name__} with "
+                f"targets={targets!r}" + (f" ({why})" if why else " (it has no conv layer)")
+                + (". targets='all' also searches groups coupled through residual adds"
+                   if targets == "auto" else ""))
+        return chosen
+    by_name = {g.name: g for g in groups}
+    names = list(targets)
+    if not names:
+        raise ValueError("targets is an empty list: name at least one channel group")
+    out = []
+    for n in names:
+        if n not in by_name:
+            known = ", ".join(g.name for g in groups if g.prunable)
+            raise ValueError(f"unknown channel group {n!r} in targets; prunable groups: {known}")
+        g = by_name[n]
+        if not g.prunable:
+            raise ValueError(f"channel group {n!r} is not prunable: {g.reason}")
+        if not g.consumers:
+            raise ValueError(f"channel group {n!r} has no conv/Linear consumer to price it on")
+        if g.size < 2:
+            raise ValueError(f"channel group {n!r} has a single channel: nothing to search")
+        out.append(g)
+    return out
+
+
+
+
+def build_targets(model: nn.Module, gm: fx.GraphModule, groups: Sequence[ChannelGroup],
+                  bn_mode: str = "batch",
+                  searches: Sequence[LayerSearch | None] | None = None
+                  ) -> tuple[list[Target], dict[str, Consumer]]:
+    """One :class:`Target` per group (with its links to shared :class:`Consumer` objects, one per
+    consumer module) and the consumers by module name."""
+    consumers: dict[str, Consumer] = {}
+    tgts: list[Target] = []
+    searches = list(searches) if searches is not None else [None] * len(groups)
+    for g, search in zip(groups, searches):
+        links = []
+        for name in dict.fromkeys(s.module for s in g.consumers):
+            if name not in consumers:
+                consumers[name] = consumer_for(model, gm, name, bn_mode, g.name)
+            links.append(link(g, consumers[name]))
+        tgts.append(Target(g, search, links))
+    return tgts, consumers
+
+
+def base_keep(tgts: Sequence[Target], consumers: dict[str, Consumer],
+              alive: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> None:
+    """Set every consumer's ``keep`` (the base masks at its input) from ``alive[i]`` (bool, one
+    per target): ``None`` where nothing is masked."""
+    for c in consumers.values():
+        keep = torch.ones(c.width)
+        for t, a in zip(tgts, alive):
+            for ln in t.links:
+                if ln.consumer is c:
+                    keep[ln.pos_full] = a[ln.chan_full].float()
+        c.keep = None if bool((keep == 1).all()) else keep.to(device)
