@@ -358,8 +358,14 @@ def test_no_prunable_groups() -> None:
 
 def test_other_bad_arguments(tmp_path) -> None:
     kw = dict(example_inputs=LENET_IN, progress=False)
-    with pytest.raises(ValueError, match="method must be 'aofp'"):
-        aofp_ext.prune(lenet5_bn(), _small_loader(), method="oracle", **kw)
+    with pytest.raises(ValueError, match="unknown method 'nope'; choose one of aofp, "):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), method="nope", **kw)
+    with pytest.raises(ValueError, match="bad method_options for method 'l1'"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), method="l1", method_options={"x": 1}, **kw)
+    with pytest.raises(ValueError, match="method_options applies to the criteria"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), method_options={"x": 1}, **kw)
+    with pytest.raises(ValueError, match="calibration_batches must be a positive integer"):
+        aofp_ext.prune(lenet5_bn(), _small_loader(), method="l1", calibration_batches=0, **kw)
     with pytest.raises(ValueError, match="masks_per_step must be a positive integer"):
         aofp_ext.prune(lenet5_bn(), _small_loader(), masks_per_step=0, **kw)
     with pytest.raises(ValueError, match="bn_mode"):
