@@ -200,7 +200,9 @@ def prune_cmd(args: argparse.Namespace) -> int:
         finetune_lr=args.finetune_lr, eval_fn=accuracy(test), device=args.device,
         seed=args.seed, checkpoint_dir=out / "checkpoint",
         progress=not args.no_progress and sys.stderr.isatty(),
-        bn_mode=args.bn_mode, out_dir=out)
+        bn_mode=args.bn_mode, out_dir=out, method=args.method,
+        method_options=dict(args.method_option) or None,
+        calibration_batches=args.calibration_batches)
     _print_summary(result.report)
     print(f"  wrote {out / 'model.pt'} (load with aofp_ext.load or `aofp eval --weights`), "
           f"{out / 'report.md'}, {out / 'report.json'}")
@@ -335,6 +337,24 @@ def _fraction(text: str) -> float:
     return v
 
 
+def available_methods() -> list[str]:
+    from .criteria import available
+
+    return available()
+
+
+def _option(text: str) -> tuple[str, object]:
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -357,6 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the channels, optionally finetune; writes model.pt, report.{json,md,png} and a "
         "checkpoint/ folder into --out (re-run the same command to resume).")
     pr.add_argument("--arch", required=True, choices=ARCHS)
+    pr.add_argument("--method", default="aofp", choices=available_methods(),
+                    help="aofp (the search, default) or a criterion + global ranking "
+                    "(docs/methods.md)")
+    pr.add_argument("--method-option", action="append", default=[], type=_option,
+                    metavar="KEY=VALUE", help="an option of the criterion (repeatable), e.g. "
+                    "--method-option keep_prob=0.7; VALUE is read as a Python literal")
+    pr.add_argument("--calibration-batches", type=_positive, default=8,
+                    help="training batches a criterion reads (default 8; not aofp)")
     pr.add_argument("--weights", required=True, help="trained weights (a state dict, or a "
                     "model saved by aofp_ext.save)")
     pr.add_argument("--data", required=True, type=parse_data, metavar="NAME[:DIR]",
@@ -433,10 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # bench
     b = sub.add_parser(
-        "bench", help="run bench/kernels.py or bench/prune.py (source tree)",
+        "bench", help="run a script of bench/ (source tree): kernels, prune, compare, distributed",
         description="Run a benchmark script of the source tree with the given arguments, e.g. "
         "`aofp bench kernels --quick` or `aofp bench prune --help`.")
-    b.add_argument("which", choices=["kernels", "prune"])
+    b.add_argument("which", choices=["kernels", "prune", "compare", "distributed"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     b.set_defaults(func=bench_cmd)
 

@@ -288,7 +288,9 @@ class SelectionContext:
 
 
 def relative(scores: torch.Tensor) -> torch.Tensor:
-    """``scores / ||scores||_2`` (all zeros stay zeros): the per-layer normalisation."""
+    """``scores / mean(|scores|)`` (all zeros stay zeros): the per-layer normalisation. Dividing
+    by the mean (not the L2 norm, whose per-channel share shrinks as ``1/sqrt(width)``) makes a
+    layer's average channel score 1 whatever its width, so wide layers are not emptied first."""
     s = scores.to(torch.float64)
-    norm = float(s.norm())
-    return s / norm if norm > 0 and math.isfinite(norm) else s
+    m = float(s.abs().mean()) if s.numel() else 0.0
+    return s / m if m > 0 and math.isfinite(m) else s

@@ -1,8 +1,10 @@
 """From per-channel scores to keep-sets that meet a MACs target: the shared global ranking.
 
 Scores of different layers live on different scales (a weight norm grows with fan-in, a damage
-with the follower's size), so each layer's scores are first divided by their L2 norm (the
-per-layer normalisation of Molchanov et al., 2017). Then all channels of all targets are sorted
+with the follower's size), so each layer's scores are first divided by their mean absolute value
+(every layer's average channel then scores 1; the L2 normalisation of Molchanov et al., 2017,
+would give a channel of a 64-wide layer half the score of one of a 16-wide layer and empty the
+wide layers first). Then all channels of all targets are sorted
 by normalised score, ascending (ties by target order, then channel index), and removed in that
 order until the model's MACs reach the target; each group keeps at least its highest-scoring
 channel. MACs fall monotonically along that order, so the shortest prefix that meets the target
