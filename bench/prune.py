@@ -42,9 +42,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import aofp_ext  # noqa: E402
-from aofp_ext import pricing  # noqa: E402
+from aofp_ext import pricing, pruner  # noqa: E402
 from aofp_ext.data import cifar10, default_data_dir, mnist  # noqa: E402
 from aofp_ext.models import lenet5_bn, load_pretrained, resnet56  # noqa: E402
+from aofp_ext.search import default_iters_per_half  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Config:
     resnet_max_steps: int = 2000        # K = 64 safety limit
     resnet_finetune_epochs: int = 4     # epochs of the 4,000-image subset after the cut
     k1_max_steps: int | None = None     # None: 20x the K = 64 steps, plus one
+    k1_budget_minutes: float | None = None  # stop the K = 1 run after this much search time
     train_limit: int | None = None      # --quick: fewer training images
     test_limit: int | None = None
     seed: int = 0
@@ -106,16 +108,31 @@ def _dump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str))
 
 
-def run_prune(name: str, model, train, test_loader, n_test: int, **kw) -> dict:
-    t0, c0, l0 = time.perf_counter(), time.process_time(), load()
+class _OutOfTime(Exception):
+    pass
 
-    def log(step: int, info: dict) -> None:  # a line every 100 steps when there is no bar
+
+def run_prune(name: str, model, train, test_loader, n_test: int,
+              budget_s: float | None = None, **kw) -> dict:
+    """One ``aofp_ext.prune`` run as a table row. With ``budget_s`` the search stops after that
+    many seconds (of this call) and the row holds what the search had reached (no cut, no
+    accuracies); with ``checkpoint_dir`` in ``kw`` a re-run resumes where it stopped."""
+    t0, c0, l0 = time.perf_counter(), time.process_time(), load()
+    last: dict = {}
+
+    def log(step: int, info: dict) -> None:  # a line every 50 steps when there is no bar
+        last.update(info, step=step)
         if step % 50 == 0 and not sys.stderr.isatty():
             print(f"  [{name}] step {step}: MACs {info['macs_fraction']:.3f}, loss "
                   f"{info['loss']:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            raise _OutOfTime
 
-    result = aofp_ext.prune(model, train, eval_fn=aofp_ext.accuracy(test_loader),
-                            progress=sys.stderr.isatty(), callback=log, **kw)
+    try:
+        result = aofp_ext.prune(model, train, eval_fn=aofp_ext.accuracy(test_loader),
+                                progress=sys.stderr.isatty(), callback=log, **kw)
+    except _OutOfTime:
+        return _partial_row(name, model, kw, last, n_test, t0, c0, l0)
     r = result.report
     row = {k: r[k] for k in ("steps", "stop_reason", "macs_before", "macs_after",
                              "macs_fraction", "params_before", "params_after", "search_seconds",
@@ -129,6 +146,34 @@ def run_prune(name: str, model, train, test_loader, n_test: int, **kw) -> dict:
           f"{row['macs_fraction']:.3f}, search {row['search_seconds']:.0f} s, acc "
           f"{row['accuracy_before']:.2f} -> {row['accuracy_after_search']:.2f} -> "
           f"{row['accuracy_after_finetune']:.2f}", flush=True)
+    return row
+
+
+def _partial_row(name: str, model, kw: dict, last: dict, n_test: int, t0: float, c0: float,
+                 l0: float) -> dict:
+    """The row of a search stopped by its time budget: steps, MACs and widths it had reached,
+    the moves from its last checkpoint."""
+    macs_before, params_before = aofp_ext.count_flops(model, kw["example_inputs"])
+    moves: list = []
+    if kw.get("checkpoint_dir"):
+        ckpt = Path(kw["checkpoint_dir"]) / pruner.CHECKPOINT_NAME
+        if ckpt.is_file():
+            moves = torch.load(ckpt, map_location="cpu", weights_only=True)["history"]
+    row = {"steps": last.get("step", 0), "stop_reason": "time budget",
+           "macs_before": macs_before, "macs_fraction": last.get("macs_fraction", 1.0),
+           "params_before": params_before, "params_after": None,
+           "search_seconds": time.perf_counter() - t0, "finetune_seconds": None,
+           "accuracy_before": None, "accuracy_after_search": None,
+           "accuracy_after_finetune": None, "widths_after": last.get("widths", {}),
+           "name": name, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+           "load_start": l0, "load_end": load(), "moves": moves, "halves": len(moves),
+           "n_test": n_test, "pricing": pricing.PRICING,
+           "settings": {"masks_per_step": kw["masks_per_step"],
+                        "iters_per_half": default_iters_per_half(kw["masks_per_step"]),
+                        "thresh": kw["thresh"], "finetune_epochs": kw.get("finetune_epochs")}}
+    row["macs_after"] = int(round(row["macs_fraction"] * macs_before))
+    print(f"[{name}] stopped by its time budget at step {row['steps']}: MACs "
+          f"{row['macs_fraction']:.3f} (moves in the last checkpoint: {len(moves)})", flush=True)
     return row
 
 
@@ -250,17 +295,24 @@ def resnet_part(cfg: Config, work: Path, reuse_k64: str | None = None) -> dict:
         return {"n_train": len(train), "n_test": len(test), "k1_cap": 0, "rows": rows}
     pricing.PRICING = "loop"   # the authors' way: one masked follower forward per attempt
     try:
+        budget = cfg.k1_budget_minutes * 60 if cfg.k1_budget_minutes else None
         rows.append(run_prune("ResNet-56, K = 1 (authors, one forward per attempt)", fresh(),
                               loader(), test_loader, len(test), masks_per_step=1, max_steps=cap,
-                              **common))
+                              budget_s=budget, checkpoint_dir=work / "resnet-k1-checkpoint",
+                              checkpoint_every=50, **common))
     finally:
         pricing.PRICING = "fused"
-    return {"n_train": len(train), "n_test": len(test), "k1_cap": cap, "rows": rows}
+    return {"n_train": len(train), "n_test": len(test), "k1_cap": cap,
+            "k1_budget_minutes": cfg.k1_budget_minutes, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
+
+
+def _num(v, fmt: str = ",") -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def _acc(v: float | None, n: int) -> str:
@@ -277,11 +329,11 @@ def table(rows: list[dict]) -> list[str]:
         out.append(
             f"| {r['name']} | {s['masks_per_step']} | {s['iters_per_half']} | {r['steps']} | "
             f"{r['stop_reason']} | {r['macs_after']:,} ({r['macs_fraction']:.1%}) | "
-            f"{r['params_after']:,} | {r['search_seconds']:.0f} ({r['cpu']:.0f} total) | "
+            f"{_num(r['params_after'])} | {r['search_seconds']:.0f} ({r['cpu']:.0f} total) | "
             f"{r['load_start']:.1f}-{r['load_end']:.1f} | "
             f"{_acc(r['accuracy_after_search'], r['n_test'])} | "
             f"{_acc(r['accuracy_after_finetune'], r['n_test'])} "
-            f"({r['finetune_seconds']:.0f}) | {widths} |")
+            f"({_num(r['finetune_seconds'], '.0f')}) | {widths} |")
     return out
 
 
@@ -307,7 +359,8 @@ def markdown(results: dict, argv: list[str]) -> str:
             f"## (a) LeNet-5-BN, MNIST ({a['n_train']:,} train / {a['n_test']:,} test), CPU",
             "",
             f"Base model: {a['base_epochs']} epochs of SGD here, accuracy "
-            f"{_acc(a['base_accuracy'], a['n_test'])} %, 2,293,000 MACs, 431,150 params. "
+            f"{_acc(a['base_accuracy'], a['n_test'])} %, {a['rows'][0]['macs_before']:,} MACs, "
+            f"{a['rows'][0]['params_before']:,} params. "
             "Search: thresh 0.05 and the authors' LeNet steps per half scaled to K "
             "(ceil(400 / K)); finetune: full epochs, lr 0.01 cosine.",
             "",
@@ -329,7 +382,9 @@ def markdown(results: dict, argv: list[str]) -> str:
             "convs of the blocks, defaults iters_per_half = ceil(1000 / K), warm-up "
             f"ceil(500 / K); finetune {k64['settings']['finetune_epochs']} epochs of the subset, "
             f"lr 0.01 cosine. "
-            + (f"The K = 1 run is capped at {b['k1_cap']:,} steps." if b["k1_cap"] else
+            + (f"The K = 1 run is capped at {b['k1_cap']:,} steps"
+               + (f" and {b['k1_budget_minutes']:g} minutes of search" if b.get(
+                   "k1_budget_minutes") else "") + "." if b["k1_cap"] else
                "(No K = 1 run.)"),
             "",
             *table(b["rows"]),
@@ -370,8 +425,9 @@ def compare(fast: dict, slows: list[dict]) -> list[str]:
                        f"{r['steps']:,}: ratio {fast['steps'] / r['steps']:.4f} "
                        f"(1/{r['steps'] / fast['steps']:.0f}).")
         elif fast["stop_reason"] == "target":
-            out.append(f"- K = {k} did not reach the target within its cap of {r['steps']:,} "
-                       f"steps (MACs at {r['macs_fraction']:.1%}); K = {K} reached it in "
+            out.append(f"- K = {k} did not reach the target within {r['steps']:,} steps "
+                       f"(stopped by its {r['stop_reason']}; MACs at {r['macs_fraction']:.1%}); "
+                       f"K = {K} reached it in "
                        f"{fast['steps']:,} steps, i.e. in less than "
                        f"{fast['steps'] / r['steps']:.4f} (1/{r['steps'] / fast['steps']:.1f}) "
                        f"of the steps K = {k} needs.")
@@ -392,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k1-max-steps", type=int, default=None,
                    help="cap of the ResNet-56 K = 1 run (default: 20x the K = 64 steps + 1; "
                    "0: skip it)")
+    p.add_argument("--k1-budget-minutes", type=float, default=None,
+                   help="stop the ResNet-56 K = 1 search after this many minutes (the row then "
+                   "shows the steps and MACs it reached; re-running with the same --work resumes "
+                   "it from its checkpoint)")
     p.add_argument("--resnet-thresh", type=float, default=None,
                    help="thresh of the ResNet-56 runs (default 0.05; the authors: 0.01)")
     p.add_argument("--reuse-k64", metavar="JSON",
@@ -407,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = QUICK if args.quick else Config()
     if args.k1_max_steps is not None:
         cfg = Config(**{**asdict(cfg), "k1_max_steps": args.k1_max_steps})
+    if args.k1_budget_minutes is not None:
+        cfg = Config(**{**asdict(cfg), "k1_budget_minutes": args.k1_budget_minutes})
     if args.resnet_thresh is not None:
         cfg = Config(**{**asdict(cfg), "resnet_thresh": args.resnet_thresh})
     if args.work:
