@@ -6,7 +6,8 @@ Shared by every selection method (:mod:`aofp_ext.pruner`, :mod:`aofp_ext.criteri
   base masks at its input and capture that input (and ``||Y_base||^2`` of its output) for pricing;
 - :class:`Link` / :class:`Target`: a channel group's channels at each consumer input;
 - :func:`price`: the damage of K masks of one target, summed over its consumers and captured
-  batches, through :func:`aofp_ext.ops.masked_damage`;
+  batches, through :func:`aofp_ext.ops.masked_damage`; :func:`price_single`: that of every
+  single-channel removal (the Gram diagonal at linear followers);
 - :class:`MacsModel`: the MACs the model would have after cutting given base masks, without
   cutting it; :func:`select_targets`: the ``targets=`` rule.
 """
@@ -28,6 +29,7 @@ from .graph import ChannelGroup, Inputs, _as_tuple, run_quietly
 from .search import LayerSearch
 
 __all__ = ["Consumer", "Link", "Target", "find_follower", "consumer_for", "link", "price",
+           "price_single", "follower_view", "is_linear",
            "PRICING", "MacsModel", "select_targets", "build_targets"]
 
 # --------------------------------------------------------------------------------------------
@@ -209,29 +211,39 @@ def link(group: ChannelGroup, consumer: Consumer) -> Link:
 PRICING = "fused"
 
 
-def price(target: Target, masks: torch.Tensor) -> torch.Tensor:
-    """``t = sum damage / sum ||Y_base||^2`` over the target's consumers (and their calls)."""
+def follower_view(link: Link, x: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``(x, weight, geometry)`` of the link's consumer as :mod:`aofp_ext.ops` prices it: a Linear
+    after ``flatten`` as a conv with a ``(block, 1)`` kernel, a Conv1d as a Conv2d of width 1."""
+    m = link.consumer.module
+    w = m.weight.detach()
+    geo = link.consumer.geometry()
+    if link.view_block > 1:     # Linear after flatten: a conv with a (block, 1) kernel
+        b = link.view_block
+        return x.reshape(x.shape[0], -1, b, 1), w.reshape(w.shape[0], -1, b, 1), {}
+    if isinstance(m, nn.Conv1d):  # as a conv2d of width 1
+        return x.unsqueeze(-1), w.unsqueeze(-1), {
+            "stride": (geo["stride"][0], 1), "padding": (geo["padding"][0], 0),
+            "dilation": (geo["dilation"][0], 1)}
+    return x, w, dict(geo)
+
+
+def price(target: Target, masks: torch.Tensor, *, parts: bool = False
+          ) -> torch.Tensor | tuple[torch.Tensor, float]:
+    """``t = sum damage / sum ||Y_base||^2`` over the target's consumers (and their calls).
+
+    With ``parts=True``: the numerator (float64 ``(K,)``, on the CPU) and the denominator
+    separately, ``t = damage / max(base, 1e-30)``; a distributed search sums both over the ranks
+    before dividing (the damages over the whole global batch)."""
     damage = torch.zeros(masks.shape[0], dtype=torch.float64)
     base = 0.0
     for link in target.links:
         c = link.consumer
         m = c.module
-        w = m.weight.detach()
         bias = m.bias.detach() if m.bias is not None else None
         scale, shift, eps = c.norm_terms()
-        geo = c.geometry()
         for x, b2 in c.calls:
-            if link.view_block > 1:     # Linear after flatten: a conv with a (block, 1) kernel
-                b = link.view_block
-                xv = x.reshape(x.shape[0], -1, b, 1)
-                wv = w.reshape(w.shape[0], -1, b, 1)
-                kw: dict[str, Any] = {}
-            elif isinstance(m, nn.Conv1d):  # as a conv2d of width 1
-                xv, wv = x.unsqueeze(-1), w.unsqueeze(-1)
-                kw = {"stride": (geo["stride"][0], 1), "padding": (geo["padding"][0], 0),
-                      "dilation": (geo["dilation"][0], 1)}
-            else:
-                xv, wv, kw = x, w, dict(geo)
+            xv, wv, kw = follower_view(link, x)
             full = torch.ones(masks.shape[0], xv.shape[1], dtype=torch.bool, device=x.device)
             full[:, link.pos.to(x.device)] = masks[:, link.chan.to(masks.device)].to(x.device)
             if PRICING == "loop":
@@ -239,6 +251,47 @@ def price(target: Target, masks: torch.Tensor) -> torch.Tensor:
                                                 norm=c.norm, scale=scale, shift=shift, eps=eps,
                                                 post=c.post, dtype=torch.float32)
             else:
+                d = ops.masked_damage(xv.float(), wv.float(), full, bias=bias, **kw,
+                                      norm=c.norm, scale=scale, shift=shift, eps=eps,
+                                      post=c.post)
+            damage += d.to("cpu", torch.float64)
+            base += b2
+    if parts:
+        return damage, base
+    return damage / max(base, 1e-30)
+
+
+def is_linear(consumer: Consumer) -> bool:
+    """Whether masks' damage at this consumer is a quadratic form (:func:`ops.channel_gram`):
+    no BN on batch statistics and no ReLU after it."""
+    return consumer.norm in ("none", "affine") and consumer.post == "none"
+
+
+def price_single(target: Target) -> torch.Tensor:
+    """``(size,)`` float64: :func:`price` of every single-channel removal (the one-hot masks), on
+    the captured calls. At a linear consumer (:func:`is_linear`) it is the Gram form
+    ``r_c^T G r_c`` with ``G = ops.channel_gram`` (its diagonal when each channel has one input
+    position); elsewhere ``ops.masked_damage`` with the ``size`` one-hot masks."""
+    size = target.group.size
+    damage = torch.zeros(size, dtype=torch.float64)
+    base = 0.0
+    for link in target.links:
+        c = link.consumer
+        m = c.module
+        scale, shift, eps = c.norm_terms()
+        for x, b2 in c.calls:
+            xv, wv, kw = follower_view(link, x)
+            pos, chan = link.pos.to(x.device), link.chan.to(x.device)
+            if is_linear(c):
+                g = ops.channel_gram(xv.float(), wv.float(), **kw,
+                                     scale=scale if c.norm == "affine" else None)
+                r = torch.zeros(size, xv.shape[1], dtype=torch.float64, device=x.device)
+                r[chan, pos] = 1.0
+                d = ((r @ g.double()) * r).sum(dim=1)
+            else:
+                bias = m.bias.detach() if m.bias is not None else None
+                full = torch.ones(size, xv.shape[1], dtype=torch.bool, device=x.device)
+                full[chan, pos] = False          # row c: channel c removed at all its positions
                 d = ops.masked_damage(xv.float(), wv.float(), full, bias=bias, **kw,
                                       norm=c.norm, scale=scale, shift=shift, eps=eps,
                                       post=c.post)
