@@ -154,10 +154,24 @@ def example_for(name: str) -> torch.Tensor:
 
 def _loaders(name: str, root: Path, batch: int, train_limit: int | None,
              test_limit: int | None, seed: int):
-    from torch.utils.data import DataLoader
+    """Training and test loaders. Under a process group the training loader reads this rank's
+    shard (``DistributedSampler``, shuffled by ``seed`` and the epoch) in batches of
+    ``batch // world_size``: ``batch`` is the global batch, as in one process."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from . import distributed as ddist
 
     train = load_split(name, root, "train", train_limit)
     test = load_split(name, root, "test", test_limit)
+    world = ddist.world_size()
+    if world > 1:
+        if batch % world:
+            raise SystemExit(f"aofp: --batch-size {batch} (the global batch) must be divisible "
+                             f"by the number of processes, {world}")
+        sampler = DistributedSampler(train, num_replicas=world, rank=ddist.rank(),
+                                     shuffle=True, seed=seed)
+        return (DataLoader(train, batch_size=batch // world, sampler=sampler),
+                DataLoader(test, batch_size=500))
     return (DataLoader(train, batch_size=batch, shuffle=True,
                        generator=torch.Generator().manual_seed(seed)),
             DataLoader(test, batch_size=500))
@@ -183,7 +197,36 @@ def _print_summary(r: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def prune_cmd(args: argparse.Namespace) -> int:
+    from . import distributed as ddist
+
+    if args.nproc is not None and ddist.env_world_size() <= 1:
+        # --nproc N: this command again, N processes under torchrun on this machine
+        return ddist.launch(args.nproc, _without_nproc(list(args.argv)))
+    started, args.device = ddist.init_from_env(args.device, args.dist_timeout)
+    try:
+        return _prune(args)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from . import distributed as ddist
     from .pruner import accuracy, prune
 
     name, root = args.data
@@ -203,6 +246,8 @@ def prune_cmd(args: argparse.Namespace) -> int:
         bn_mode=args.bn_mode, out_dir=out, method=args.method,
         method_options=dict(args.method_option) or None,
         calibration_batches=args.calibration_batches)
+    if not ddist.is_main():
+        return 0
     _print_summary(result.report)
     print(f"  wrote {out / 'model.pt'} (load with aofp_ext.load or `aofp eval --weights`), "
           f"{out / 'report.md'}, {out / 'report.json'}")
@@ -404,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default ceil(500 / masks-per-step)")
     pr.add_argument("--max-steps", type=_positive, default=None)
     pr.add_argument("--lr", type=float, default=1e-3, help="search lr (default 1e-3)")
-    pr.add_argument("--batch-size", type=_positive, default=64)
+    pr.add_argument("--batch-size", type=_positive, default=64,
+                    help="training batch (default 64); with several processes the global "
+                    "batch, split evenly between them")
     pr.add_argument("--targets", default="auto", choices=["auto", "all"])
     pr.add_argument("--bn-mode", default="batch", choices=["batch", "running"],
                     help="follower BN when pricing: batch statistics (default, the authors) "
@@ -416,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--no-progress", action="store_true",
                     help="no progress bars (there are none when stderr is not a terminal)")
+    pr.add_argument("--nproc", type=_positive, default=None, metavar="N",
+                    help="run in N processes on this machine (torchrun --standalone "
+                    "--nproc_per_node N -m aofp_ext.cli prune ...; several machines: call "
+                    "torchrun yourself, see the README); --batch-size stays the global batch")
+    pr.add_argument("--dist-timeout", type=float, default=600, metavar="SECONDS",
+                    help="under torchrun: how long a collective waits for the other processes "
+                    "before failing (default 600)")
     pr.set_defaults(func=prune_cmd)
 
     # eval
@@ -474,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

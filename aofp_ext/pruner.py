@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed as ddist
 from .flops import count_flops
 from .graph import Inputs, _as_tuple, analyze
 from .pricing import (MacsModel, Target, base_keep, build_targets, price,
@@ -46,6 +47,7 @@ CHECKPOINT_NAME = "aofp-checkpoint.pt"
 _FORMAT = "aofp_ext.prune_checkpoint"
 _VERSION = 1
 _BN_MODES = ("batch", "running")
+_CHECKPOINT_SECONDS = 60.0  # checkpoint_every=None: save when this long since the last save
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,8 +134,15 @@ class _Batches:
     def _loader_gen(self) -> torch.Generator | None:
         return _loader_generator(self.loader)
 
+    def _set_sampler_epoch(self) -> None:
+        """A sampler with ``set_epoch`` (``DistributedSampler``) shuffles by epoch number."""
+        sampler = getattr(self.loader, "sampler", None)
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(self.epoch)
+
     def _start_epoch(self) -> None:
         self.epoch_rng = _rng_state(self._loader_gen())
+        self._set_sampler_epoch()
         self.it = iter(self.loader)
 
     def next(self) -> tuple[tuple[torch.Tensor, ...], Any]:
@@ -190,6 +199,7 @@ class _Batches:
         if self.epoch_rng is None:
             return
         _set_rng_state(self.epoch_rng, self._loader_gen())
+        self._set_sampler_epoch()
         self.it = iter(self.loader)
         for _ in range(state["index"]):
             try:
@@ -201,12 +211,25 @@ class _Batches:
 
 
 class _Checkpoints:
+    """In a distributed run only rank 0 reads and writes the file: a checkpoint holds every
+    rank's data position and RNG state (``"ranks"``), and on resume rank 0 hands it to every
+    rank, each taking its own entry."""
+
     def __init__(self, folder: str | os.PathLike | None):
         self.path = Path(folder) / CHECKPOINT_NAME if folder is not None else None
-        if self.path is not None:
+        if self.path is not None and ddist.is_main():
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def load(self) -> dict[str, Any] | None:
+        if self.path is None:
+            return None
+        state = ddist.broadcast_call(self._load)
+        ranks = state.get("ranks") if state is not None else None
+        if ranks is not None and len(ranks) == ddist.world_size():
+            state = {**state, **{k: v for k, v in ranks[ddist.rank()].items() if v is not None}}
+        return state
+
+    def _load(self) -> dict[str, Any] | None:
         if self.path is None or not self.path.is_file():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -217,9 +240,15 @@ class _Checkpoints:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        """Atomic: a temporary file in the same folder, then ``os.replace``."""
+        """Atomic: a temporary file in the same folder, then ``os.replace``. Distributed: every
+        rank must call it at the same step; rank 0 writes."""
         if self.path is None:
             return
+        if ddist.is_distributed():
+            ranks = ddist.all_gather({"rng": state.get("rng"), "loader": state.get("loader")})
+            if not ddist.is_main():
+                return
+            state = {**state, "ranks": ranks}
         state = {"format": _FORMAT, "version": _VERSION, **state}
         tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
         try:
@@ -291,6 +320,7 @@ def _config(targets: list[Target], **kw: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+@ddist.clear_errors
 def prune(
     model: nn.Module,
     train_loader: Iterable,
@@ -439,6 +469,12 @@ def prune(
     if criterion is not None:
         config["method_options"] = criterion.options()
         config["calibration_batches"] = calibration_batches
+    if ddist.is_distributed():  # a checkpoint resumes with the same number of processes only
+        config["world_size"] = ddist.world_size()
+    ddist.check_same({**config, "max_steps": step_limit, "finetune_epochs": finetune_epochs,
+                      "lr": lr, "finetune_lr": finetune_lr, "own_optimizer": optimizer is None,
+                      "checkpoint_dir": checkpoint_dir is not None,
+                      "checkpoint_every": checkpoint_every}, "prune() settings")
 
     if optimizer is None:
         optimizer = _sgd(model, lr)
@@ -500,7 +536,9 @@ def prune(
         if criterion is not None:  # selection by a criterion instead of the AOFP search
             alive = _run_criterion(criterion, model, tgts, consumers, batches,
                                    calibration_batches, loss_fn, dev, seed, macs_model,
-                                   target_flops, progress, info, timing)
+                                   target_flops, progress and ddist.is_main(), info, timing)
+            # every rank scored its own calibration batches: rank 0's selection for all
+            alive, info["selection"] = ddist.broadcast((alive, info.get("selection")))
             for t, a in zip(tgts, alive):
                 t.search.alive = a.clone()
             stop_reason = "target"
@@ -512,23 +550,26 @@ def prune(
         for c in consumers.values():
             handles.append(c.module.register_forward_pre_hook(c.pre_hook))
             handles.append(c.module.register_forward_hook(c.post_hook))
-        bar = _bar(progress and criterion is None, total=step_limit, initial=step, desc="AOFP search", unit="step")
+        bar = _bar(progress and criterion is None and ddist.is_main(), total=step_limit,
+                   initial=step, desc="AOFP search", unit="step")
         t_start, t_saved = time.perf_counter(), time.perf_counter()
         base_elapsed = timing["search"]
+        net = ddist.wrap(model, dev)  # DDP when distributed (identical weights on every rank)
         try:
             while stop_reason is None:
                 if step >= step_limit:
                     stop_reason = "max_steps"
                     break
+                ddist.note(f"search step {step}")
                 rng_before, loader_before = _rng_state(gen), batches.state()
                 inputs, labels = batches.next()
                 active = [t for t in tgts if t.search.active(step)]
                 live = {id(link.consumer) for t in active for link in t.links}
                 for c in consumers.values():
                     c.capture, c.calls = id(c) in live, []
-                model.train()
-                loss = loss_fn(model(*inputs), labels)
-                if not torch.isfinite(loss.detach()).all():
+                net.train()
+                loss = loss_fn(net(*inputs), labels)
+                if not ddist.all_finite(loss.detach()):  # on every rank: all stop together
                     state = snapshot(rng_before, loader_before)
                     state["nonfinite"] = True
                     ckpt.save(state)
@@ -541,9 +582,11 @@ def prune(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 with torch.no_grad():
-                    for t in active:
-                        masks = t.search.draw(masks_per_step, gen)
-                        tt = price(t, masks.to(dev))
+                    drawn = [(t, t.search.draw(masks_per_step, gen)) for t in active]
+                    parts = [price(t, masks.to(dev), parts=True) for t, masks in drawn]
+                    # distributed: damage sums and norms of every rank's batch, summed
+                    for (t, masks), (damage, base) in zip(drawn, ddist.sum_damages(parts)):
+                        tt = damage / max(base, 1e-30)
                         if not bool(torch.isfinite(tt).all()):
                             raise NonFiniteLossError(
                                 f"non-finite damage for '{t.name}' at step {step}: the "
@@ -577,19 +620,23 @@ def prune(
                 now = time.perf_counter()
                 if ckpt.path is not None and stop_reason is None and (
                         (checkpoint_every is not None and step % checkpoint_every == 0)
-                        or (checkpoint_every is None and now - t_saved >= 60)):
+                        or (checkpoint_every is None
+                            and ddist.agree(now - t_saved >= _CHECKPOINT_SECONDS))):
                     ckpt.save(snapshot(_rng_state(gen), batches.state()))
                     t_saved = now
                 if callback is not None:
                     callback(step, {"macs_fraction": frac, "loss": loss_value,
                                     "widths": {t.name: t.search.width for t in tgts}})
         finally:
+            net = model  # drops the DDP wrapper (its hooks) even when an exception propagates
             for h in handles:
                 h.remove()
             for c in consumers.values():
                 c.capture, c.calls, c.keep = False, [], None
             bar.close()
-        if stop_reason == "max_steps":
+        ddist.note("the cut")
+        ddist.sync_buffers(model)  # rank 0's BN statistics everywhere: identical models
+        if stop_reason == "max_steps" and ddist.is_main():
             warnings.warn(f"AOFP search stopped at max_steps={step_limit} with the model at "
                           f"{macs_model.current() / macs_model.total:.3f} of its MACs, above "
                           f"target_flops={target_flops}", stacklevel=2)
@@ -631,13 +678,15 @@ def prune(
     report = _report(model, tgts, widths_before, info, history, timing, config,
                      macs_before, params_before, macs_after, params_after, target_flops,
                      finetune_epochs, dev, step_limit)
-    if out_dir is not None:
+    if out_dir is not None and ddist.is_main():
         from .checkpoint import save
         from .report import write_report
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         save(model, Path(out_dir) / "model.pt")
         write_report(report, out_dir)
+    ddist.note("the end")
+    ddist.barrier()  # distributed: rank 0 has written everything when prune returns anywhere
     return PruneResult(model, report)
 
 
@@ -700,12 +749,14 @@ def _finetune(model: nn.Module, loader: Iterable, example: tuple[torch.Tensor, .
         _set_rng_state(saved["rng"], _loader_generator(loader))
     per_epoch = len(loader) if hasattr(loader, "__len__") else None
     total = epochs * per_epoch if per_epoch else None
-    bar = _bar(progress, total=total, initial=first * (per_epoch or 0), desc="finetune",
-               unit="step")
+    bar = _bar(progress and ddist.is_main(), total=total, initial=first * (per_epoch or 0),
+               desc="finetune", unit="step")
     batches = _Batches(loader, example, dev)
     t0, base = time.perf_counter(), timing["finetune"]
+    net = ddist.wrap(model, dev)  # a new DDP: the cut changed the parameters' shapes
     try:
         for epoch in range(first, epochs):
+            ddist.note(f"finetune epoch {epoch}")
             batches.epoch, batches.index, batches.it = epoch, 0, None
             batches._start_epoch()
             i = 0
@@ -718,9 +769,9 @@ def _finetune(model: nn.Module, loader: Iterable, example: tuple[torch.Tensor, .
                 frac = ((epoch * per_epoch + i) / total) if total else (epoch / epochs)
                 for group in opt.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * frac))
-                model.train()
-                loss = loss_fn(model(*inputs), labels)
-                if not torch.isfinite(loss.detach()).all():
+                net.train()
+                loss = loss_fn(net(*inputs), labels)
+                if not ddist.all_finite(loss.detach()):
                     raise NonFiniteLossError(
                         f"the loss is {float(loss.detach().float().mean())} in finetune epoch "
                         f"{epoch}: finetuning stopped"
@@ -734,9 +785,11 @@ def _finetune(model: nn.Module, loader: Iterable, example: tuple[torch.Tensor, .
                 bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}",
                                 lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
             timing["finetune"] = base + time.perf_counter() - t0
+            ddist.sync_buffers(model)  # the state of rank 0 is the checkpoint of every rank
             ckpt.save(_finetune_state(model, opt, epoch + 1, step, config, history, timing, info,
                                       rng=_rng_state(_loader_generator(loader))))
     finally:
+        net = model  # drops the DDP wrapper
         bar.close()
     timing["finetune"] = base + time.perf_counter() - t0
 

@@ -20,7 +20,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# AOFP pruning of {report['model']}",
         "",
-        f"- device: {report['device']}; masks per step {s['masks_per_step']}, iters per half "
+        f"- device: {report['device']}"
+        + (f" x {s['world_size']} processes" if s.get("world_size") else "")
+        + f"; masks per step {s['masks_per_step']}, iters per half "
         f"{s['iters_per_half']}, warm-up {s['warmup_iters']}, thresh {s['thresh']}, "
         f"BN mode {s['bn_mode']}, seed {s['seed']}",
         f"- stop: {report['stop_reason']} after {report['steps']} steps "
