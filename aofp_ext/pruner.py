@@ -401,10 +401,18 @@ def prune(
             ``{"keep_prob": 0.7}`` for ``"lfe"``; recorded in the report.
         calibration_batches: batches of ``train_loader`` a criterion reads (``method != "aofp"``).
 
+    Under ``torch.distributed`` (a process group of several processes, e.g. ``torchrun``) every
+    rank calls ``prune`` with the same arguments and its own shard of the data: the ranks train
+    through DDP, sum their damages before every decision and take identical decisions; only rank
+    0 writes files (docs/prune.md, "Distributed").
+
     Raises:
         ValueError: bad arguments, a loader yielding the wrong shapes, no prunable groups, a
-            target below what the searched layers can reach, or a checkpoint from other settings.
+            target below what the searched layers can reach, a checkpoint from other settings, or
+            settings that differ between distributed ranks.
         NonFiniteLossError: the loss became NaN/inf (a checkpoint of the step before is saved).
+        aofp_ext.distributed.DistributedError: a collective failed (another rank crashed or
+            stopped responding within the process group's timeout).
     """
     # ---- arguments ------------------------------------------------------------------------
     if not isinstance(method, str):
