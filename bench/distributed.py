@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, nproc: int, threads: int, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--device", args.device,
            "--steps", str(args.steps), "--skip", str(args.skip), "--result", str(result)]
     procs = []
-    l0, c0, t0 = load(), time.process_time(), time.perf_counter()
+    l0, t0 = load(), time.perf_counter()
     for r in range(nproc):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), RANK=str(r), LOCAL_RANK=str(r),
                    WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
