@@ -4,9 +4,10 @@ Fused C++/CUDA kernels price many random filter masks in one pass and cut channe
 a thin Python driver runs the search. See README.md and docs/.
 """
 
-from . import data, models, ops
+from . import criteria, data, models, ops
 from ._loader import ExtensionNotBuiltError, build_info
 from .checkpoint import load, save
+from .distributed import DistributedError
 from .flops import count_flops
 from .graph import ChannelGroup, channel_groups, masked_forward
 from .pruner import NonFiniteLossError, PruneResult, accuracy, prune
@@ -18,4 +19,5 @@ __all__ = [
     "ops", "build_info", "ExtensionNotBuiltError", "__version__",
     "channel_groups", "ChannelGroup", "masked_forward", "prune_channels_", "count_flops",
     "save", "load", "models", "data", "prune", "PruneResult", "NonFiniteLossError", "accuracy",
+    "DistributedError", "criteria",
 ]
