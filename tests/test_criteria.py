@@ -122,7 +122,7 @@ def test_registry_and_bad_options() -> None:
         with pytest.raises(ValueError, match=msg):
             get_criterion("lfe", opts)
     assert get_criterion("lfe").options() == {"keep_prob": 0.9, "n_masks": 1024, "ridge": 1e-3,
-                                              "samples_per_mask": None}
+                                              "samples_per_mask": 32}
     with pytest.raises(ValueError, match="keep_prob must be in"):
         aofp_ext.prune(lenet5_bn(), DataLoader(TensorDataset(*lenet_batches()[0]), batch_size=8),
                        example_inputs=LENET_IN, method="lfe",
@@ -390,7 +390,8 @@ class Additive(nn.Module):
         return self.fc(torch.cat([self.a(x), self.b(x)], dim=1).flatten(1))
 
 
-def test_lfe_recovers_an_additive_model_end_to_end() -> None:
+@pytest.mark.parametrize("samples_per_mask", [None, 3])
+def test_lfe_recovers_an_additive_model_end_to_end(samples_per_mask) -> None:
     g = torch.Generator().manual_seed(0)
     w_a, w_b = torch.randn(6, generator=g), torch.randn(9, generator=g)
     model = Additive(w_a, w_b)
@@ -399,7 +400,9 @@ def test_lfe_recovers_an_additive_model_end_to_end() -> None:
     ctx = make_ctx(model, torch.ones(1, 1, 1, 1), batches,
                    loss_fn=lambda out, y: -out.mean() + 5 * y.mean())
     assert [t.name for t in ctx.targets] == ["a", "b"]
-    scores = get_criterion("lfe", {"n_masks": 200, "keep_prob": 0.7, "ridge": 0.0}).scores(ctx)
+    scores = get_criterion("lfe", {"n_masks": 200, "keep_prob": 0.7, "ridge": 0.0,
+                                   "samples_per_mask": samples_per_mask}).scores(ctx)
+    assert ctx.info["lfe"]["blocks"] == (3 if samples_per_mask is None else 6)  # 4 = 3 + 1
     torch.testing.assert_close(scores[0], w_a.double(), rtol=0, atol=1e-5)
     torch.testing.assert_close(scores[1], w_b.double(), rtol=0, atol=1e-5)
     assert 0.2 < ctx.info["lfe"]["removed_per_mask"] / 15 < 0.4

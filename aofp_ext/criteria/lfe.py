@@ -69,18 +69,19 @@ def fit_additive(removed: torch.Tensor, losses: torch.Tensor, blocks: torch.Tens
 @register("lfe")
 class LinearFilterEnsembles(Criterion):
     """``n_masks`` random masks over all target channels at once (each channel kept
-    independently with probability ``keep_prob``); mask ``k`` runs on calibration batch
-    ``k mod B`` (its first ``samples_per_mask`` samples) as part of a batched masked forward
+    independently with probability ``keep_prob``). The calibration batches are cut into blocks
+    of ``samples_per_mask`` consecutive samples (None: one block per batch); mask ``k`` runs on
+    block ``k mod (number of blocks)`` as part of a batched masked forward
     (:meth:`SelectionContext.masked_losses`); :func:`fit_additive` fits the losses against the
-    removed-channel indicators with one intercept per batch; score = the coefficient (the
+    removed-channel indicators with one intercept per block; score = the coefficient (the
     average increase of the loss when the channel is removed from a random sub-network).
 
     Options: ``keep_prob`` (0.9), ``n_masks`` (1024), ``ridge`` (1e-3, relative to the average
-    column energy), ``samples_per_mask`` (None: the whole batch).
+    column energy), ``samples_per_mask`` (32). See docs/methods.md.
     """
 
     def __init__(self, keep_prob: float = 0.9, n_masks: int = 1024, ridge: float = 1e-3,
-                 samples_per_mask: int | None = None):
+                 samples_per_mask: int | None = 32):
         if not (isinstance(keep_prob, (int, float)) and 0 < keep_prob < 1):
             raise ValueError(f"lfe: keep_prob must be in (0, 1), got {keep_prob!r}")
         if isinstance(n_masks, bool) or not isinstance(n_masks, int) or n_masks < 2:
@@ -106,18 +107,21 @@ class LinearFilterEnsembles(Criterion):
         sizes = ctx.sizes
         offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
         total = offsets[-1]
+        data = []           # the blocks: samples_per_mask consecutive samples of a batch
+        for inputs, labels in ctx.batches:
+            n = inputs[0].shape[0]
+            s = self.samples_per_mask or n
+            data.extend((tuple(x[j:j + s] for x in inputs), labels[j:j + s])
+                        for j in range(0, n, s))
         removed = torch.rand(self.n_masks, total, generator=ctx.generator) >= self.keep_prob
-        blocks = torch.arange(self.n_masks) % len(ctx.batches)
+        blocks = torch.arange(self.n_masks) % len(data)
         losses = torch.empty(self.n_masks, dtype=torch.float64)
         bar = tqdm(total=self.n_masks, desc="lfe masks", unit="mask", disable=not ctx.progress)
         with bar:
-            for b, (inputs, labels) in enumerate(ctx.batches):
+            for b, (inputs, labels) in enumerate(data):
                 idx = torch.nonzero(blocks == b).flatten()
                 if idx.numel() == 0:
                     continue
-                if self.samples_per_mask is not None:
-                    inputs = tuple(x[:self.samples_per_mask] for x in inputs)
-                    labels = labels[:self.samples_per_mask]
                 n = inputs[0].shape[0]
                 cap = ctx.max_samples or (256 if ctx.device.type == "cpu" else 2048)
                 step = max(1, cap // max(n, 1))
@@ -128,6 +132,7 @@ class LinearFilterEnsembles(Criterion):
                     losses[rows] = ctx.masked_losses(inputs, labels, masks)
                     bar.update(rows.numel())
         coef = fit_additive(removed, losses, blocks, self.ridge)
-        ctx.info["lfe"] = {"loss_mean": float(losses.mean()), "loss_std": float(losses.std()),
+        ctx.info["lfe"] = {"blocks": len(data), "loss_mean": float(losses.mean()),
+                           "loss_std": float(losses.std()),
                            "removed_per_mask": float(removed.sum(1).double().mean())}
         return [coef[offsets[i]:offsets[i + 1]].clone() for i in range(len(sizes))]
