@@ -150,6 +150,12 @@ class SelectionContext:
     def sizes(self) -> list[int]:
         return [t.group.size for t in self.targets]
 
+    @property
+    def sample_cap(self) -> int:
+        """The most samples one batched forward of :meth:`masked_losses` runs (``max_samples``,
+        or its device default)."""
+        return self.max_samples or (256 if self.device.type == "cpu" else 2048)
+
     def producer_modules(self, i: int, role: str = "out") -> list[tuple[nn.Module, Any]]:
         """``(module, slot)`` of every producer of target ``i`` with ``role`` ("out": the
         conv/Linear making the channels; "norm": their BatchNorm)."""
@@ -297,8 +303,7 @@ class SelectionContext:
         out = torch.empty(K, dtype=torch.float64)
         if K == 0:
             return out
-        cap = self.max_samples or (256 if self.device.type == "cpu" else 2048)
-        chunk = max(1, cap // max(n, 1))
+        chunk = max(1, self.sample_cap // max(n, 1))
         base = [a if a is not None else torch.ones(t.group.size, dtype=torch.bool)
                 for a, t in zip(alive or [None] * len(self.targets), self.targets)]
         handles = [c.module.register_forward_pre_hook(c.pre_hook)

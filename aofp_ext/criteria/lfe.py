@@ -123,8 +123,7 @@ class LinearFilterEnsembles(Criterion):
                 if idx.numel() == 0:
                     continue
                 n = inputs[0].shape[0]
-                cap = ctx.max_samples or (256 if ctx.device.type == "cpu" else 2048)
-                step = max(1, cap // max(n, 1))
+                step = max(1, ctx.sample_cap // max(n, 1))   # masks per batched forward
                 for k0 in range(0, idx.numel(), step):
                     rows = idx[k0:k0 + step]
                     keep = ~removed[rows]
