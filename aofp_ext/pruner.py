@@ -350,6 +350,7 @@ def prune(
     callback: Callable[[int, dict[str, Any]], None] | None = None,
     method_options: dict[str, Any] | None = None,
     calibration_batches: int = 8,
+    calibration_loader: Iterable | None = None,
 ) -> PruneResult:
     """Prune the filters of ``model`` with AOFP until its MACs fall to ``target_flops``.
 
@@ -399,7 +400,10 @@ def prune(
             loss, widths); an exception raised there stops the run (the last checkpoint stays).
         method_options: keyword arguments of the criterion (``method != "aofp"``), e.g.
             ``{"keep_prob": 0.7}`` for ``"lfe"``; recorded in the report.
-        calibration_batches: batches of ``train_loader`` a criterion reads (``method != "aofp"``).
+        calibration_batches: batches a criterion reads (``method != "aofp"``).
+        calibration_loader: where a criterion reads them (default: the first batches of
+            ``train_loader``). Loss-based criteria need batches the model has not memorised:
+            with a net that fits its training set, pass held-out or augmented data here.
 
     Under ``torch.distributed`` (a process group of several processes, e.g. ``torchrun``) every
     rank calls ``prune`` with the same arguments and its own shard of the data: the ranks train
@@ -542,7 +546,9 @@ def prune(
                     "stop_reason": None}
 
         if criterion is not None:  # selection by a criterion instead of the AOFP search
-            alive = _run_criterion(criterion, model, tgts, consumers, batches,
+            calib_src = (batches if calibration_loader is None
+                         else _Batches(calibration_loader, example, dev))
+            alive = _run_criterion(criterion, model, tgts, consumers, calib_src,
                                    calibration_batches, loss_fn, dev, seed, macs_model,
                                    target_flops, progress and ddist.is_main(), info, timing)
             # every rank scored its own calibration batches: rank 0's selection for all

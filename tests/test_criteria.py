@@ -520,3 +520,22 @@ def test_every_method_reaches_the_target_on_mnist(method: str, mnist_small) -> N
     assert sel["calibration_batches"] == (0 if not CRITERIA[method].needs_data else 1)
     assert r["accuracy_before"] > 60 and r["accuracy_after_search"] is not None
     assert all(p.grad is None for p in model.parameters())   # no finetuning, no stray .grad
+
+
+def test_calibration_loader_is_where_criteria_read(mnist_small) -> None:
+    """With ``calibration_loader`` the scores come from its batches, not the training loader's:
+    the same scores as a run whose training loader yields those batches."""
+    x, y = mnist_small["xtr"], mnist_small["ytr"]
+    train = DataLoader(TensorDataset(x[:512], y[:512]), batch_size=64)
+    calib = DataLoader(TensorDataset(x[512:], y[512:]), batch_size=64)
+
+    def scores(loader, **kw) -> dict:
+        model = lenet5_bn()
+        model.load_state_dict(mnist_small["state"])
+        r = aofp_ext.prune(model, loader, example_inputs=LENET_IN, target_flops=0.5,
+                           method="oracle", calibration_batches=2, progress=False, **kw).report
+        return r["selection"]["scores"]
+
+    via_calib = scores(train, calibration_loader=calib)
+    assert via_calib == scores(calib)
+    assert via_calib != scores(train)
