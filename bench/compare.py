@@ -248,7 +248,9 @@ def selection_loader(train: Dataset, cfg: Config) -> DataLoader:
 
 
 def calibration(train: Dataset, cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The batches ``prune`` gives a criterion: the first ``calibration_batches`` of the loader."""
+    """The batches ``prune`` gives a criterion: the first ``calibration_batches`` of the loader
+    (torch's global RNG seeded as ``prune`` seeds it, for the same augmented images)."""
+    torch.manual_seed(cfg.seed)
     out = []
     for x, y in selection_loader(train, cfg):
         out.append((x, y))
@@ -551,6 +553,10 @@ def run_part(part: str, cfg: Config, work: Path, methods: list[str], tp_imps: li
             return load_pretrained(resnet56(), weights).eval()
 
         ft_data, ft_epochs, classifier = CropFlip(train), cfg.resnet_finetune_epochs, "linear"
+        # the shipped ResNet-56 has memorised these training images (loss ~0.001 on them): the
+        # selection (AOFP's training and pricing, every criterion's calibration batches) sees
+        # them augmented, as the finetune does, so that loss-based criteria get a signal
+        train = ft_data
         aofp_kw = dict(thresh=cfg.resnet_thresh, max_steps=cfg.resnet_aofp_max_steps)
     test_loader = DataLoader(test, batch_size=500)
     base = fresh()
@@ -991,7 +997,8 @@ def markdown(results: dict, png: str | None) -> str:
             f"{part['torch_pruning'] or 'not installed'}; config `{json.dumps(pc)}`.",
             "",
             f"Calibration: the first {pc['calibration_batches']} batches of {pc['batch_size']} "
-            f"images; finetune lr {pc['finetune_lr']}, batch {pc['batch_size']}.",
+            "images" + (" (augmented like the finetune's: the base model has memorised the raw "
+                        "training images)" if part["augmentation"] else "") + "; finetune lr {pc['finetune_lr']}, batch {pc['batch_size']}.",
             "",
             f"Base model: {_acc(part['base_accuracy'], part['n_test'])} %, "
             f"{part['macs_before']:,} MACs, {part['params_before']:,} params"
