@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.merge or []:  # parts measured by an earlier run of this script
         earlier = json.loads(Path(path).read_text())
         for part in ("lenet", "resnet"):
-            if part in earlier:
+            if part in earlier and earlier[part] and args.part not in (part, "all"):
                 results[part] = earlier[part]
                 results.setdefault("merged", []).append(
                     f"{part}: {earlier['date']}, `{earlier.get('command', '?')}`")
