@@ -998,7 +998,8 @@ def markdown(results: dict, png: str | None) -> str:
             "",
             f"Calibration: the first {pc['calibration_batches']} batches of {pc['batch_size']} "
             "images" + (" (augmented like the finetune's: the base model has memorised the raw "
-                        "training images)" if part["augmentation"] else "") + "; finetune lr {pc['finetune_lr']}, batch {pc['batch_size']}.",
+                        "training images)" if part["augmentation"] else "")
+            + f"; finetune lr {pc['finetune_lr']}, batch {pc['batch_size']}.",
             "",
             f"Base model: {_acc(part['base_accuracy'], part['n_test'])} %, "
             f"{part['macs_before']:,} MACs, {part['params_before']:,} params"
