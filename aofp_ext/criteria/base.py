@@ -31,6 +31,7 @@ Registering a new criterion::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -191,15 +192,26 @@ class SelectionContext:
 
     # -- calibration forwards ------------------------------------------------------------------
 
-    def _eval(self) -> list[tuple[nn.Module, bool]]:
+    @contextlib.contextmanager
+    def _hooked(self, capture: bool = False) -> Iterator[None]:
+        """The consumers' pre-hooks (base masks, ``keep``) on, with ``capture`` also their
+        forward hooks (recording inputs), and the model in eval mode; on exit the hooks are
+        removed, every consumer's ``keep``/``capture``/``calls`` cleared and the modes restored."""
+        cons = list(self.consumers.values())
+        handles = [c.module.register_forward_pre_hook(c.pre_hook) for c in cons]
+        if capture:
+            handles += [c.module.register_forward_hook(c.post_hook) for c in cons]
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
-        return modes
-
-    @staticmethod
-    def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
-        for m, mode in modes:
-            m.training = mode
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for c in cons:
+                c.keep, c.capture, c.calls = None, False, []
+            for m, mode in modes:
+                m.training = mode
 
     def captured(self, targets: Sequence[int] | None = None
                  ) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
@@ -208,24 +220,13 @@ class SelectionContext:
         :meth:`damage` prices masks on that batch."""
         idx = range(len(self.targets)) if targets is None else targets
         live = {id(ln.consumer) for i in idx for ln in self.targets[i].links}
-        handles = []
-        for c in self.consumers.values():
-            handles.append(c.module.register_forward_pre_hook(c.pre_hook))
-            handles.append(c.module.register_forward_hook(c.post_hook))
-        modes = self._eval()
-        try:
+        with self._hooked(capture=True):
             for inputs, labels in self.batches:
                 for c in self.consumers.values():
                     c.capture, c.calls = id(c) in live, []
                 with torch.no_grad():
                     self.model(*inputs)
                 yield inputs, labels
-        finally:
-            for h in handles:
-                h.remove()
-            for c in self.consumers.values():
-                c.capture, c.calls = False, []
-            self._restore(modes)
 
     def damage(self, i: int, masks: torch.Tensor) -> torch.Tensor:
         """``(K,)`` float64: the relative damage ``||f(Y_mask) - f(Y)||^2 / ||f(Y)||^2`` of the
@@ -248,25 +249,17 @@ class SelectionContext:
         gates' gradients are computed (``torch.autograd.grad``), no parameter ``.grad`` is
         touched and the model is not changed."""
         gates: dict[str, torch.Tensor] = {}
-        handles = []
-        for t in self.targets:
-            for ln in t.links:
-                c = ln.consumer
-                if c.name not in gates:
-                    gates[c.name] = torch.ones(c.width, device=self.device, requires_grad=True)
-                    c.keep = gates[c.name]
-                    handles.append(c.module.register_forward_pre_hook(c.pre_hook))
-        modes = self._eval()
-        try:
+        with self._hooked():
+            for t in self.targets:
+                for ln in t.links:
+                    c = ln.consumer
+                    if c.name not in gates:
+                        gates[c.name] = torch.ones(c.width, device=self.device,
+                                                   requires_grad=True)
+                        c.keep = gates[c.name]
             with torch.enable_grad():
                 loss = self.loss_fn(self.model(*inputs), labels)
                 grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
-            for c in self.consumers.values():
-                c.keep = None
-            self._restore(modes)
         by_name = {n: (g if g is not None else torch.zeros_like(gates[n])).detach()
                    for n, g in zip(gates, grads)}
         out = []
@@ -306,10 +299,7 @@ class SelectionContext:
         chunk = max(1, self.sample_cap // max(n, 1))
         base = [a if a is not None else torch.ones(t.group.size, dtype=torch.bool)
                 for a, t in zip(alive or [None] * len(self.targets), self.targets)]
-        handles = [c.module.register_forward_pre_hook(c.pre_hook)
-                   for c in self.consumers.values()]
-        modes = self._eval()
-        try:
+        with self._hooked():
             for k0 in range(0, K, chunk):
                 k1 = min(K, k0 + chunk)
                 self._per_sample_keep(masks, base, k0, k1, n)
@@ -320,12 +310,6 @@ class SelectionContext:
                 for j in range(k1 - k0):
                     v = fn(y[j * n:(j + 1) * n], labels)
                     out[k0 + j] = float(v.detach() if isinstance(v, torch.Tensor) else v)
-        finally:
-            for h in handles:
-                h.remove()
-            for c in self.consumers.values():
-                c.keep = None
-            self._restore(modes)
         return out
 
     def _per_sample_keep(self, masks: dict[int, torch.Tensor], base: list[torch.Tensor],
