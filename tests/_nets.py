@@ -12,6 +12,33 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 
 
+def mnist_small(n_test: int = 1000) -> dict:
+    """1,024 training images (a seeded draw) and the first ``n_test`` test images of the shipped
+    MNIST, and a LeNet-5-BN trained on them for two quick epochs (its state dict, ``"state"``)."""
+    import copy
+
+    from aofp_ext.data import mnist
+    from aofp_ext.models import lenet5_bn
+
+    root = data_dir() / "mnist"
+    xtr, ytr = mnist(root, "train").tensors
+    xte, yte = mnist(root, "test").tensors
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(xtr), generator=g)[:1024]
+    data = {"xtr": xtr[idx], "ytr": ytr[idx], "xte": xte[:n_test], "yte": yte[:n_test]}
+    torch.manual_seed(0)
+    model = lenet5_bn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        for i in range(0, 1024, 64):
+            loss = F.cross_entropy(model(data["xtr"][i:i + 64]), data["ytr"][i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    data["state"] = copy.deepcopy(model.state_dict())
+    return data
+
+
 def data_dir() -> Path:
     """The shipped data; a missing folder is a failure, not a skip."""
     path = Path(os.environ.get("AOFP_DATA_DIR", REPO.parent / "shared" / "data"))

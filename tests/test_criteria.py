@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _nets import FlattenNet, ProjectionNet, calibrate, data_dir
+from _nets import FlattenNet, ProjectionNet, calibrate
+from _nets import mnist_small as _mnist_small
 from torch.utils.data import DataLoader, TensorDataset
 
 import aofp_ext
@@ -20,7 +21,6 @@ from aofp_ext.criteria import (CRITERIA, SelectionContext, available, get_criter
                                select_by_ranking)
 from aofp_ext.criteria.base import relative
 from aofp_ext.criteria.lfe import fit_additive
-from aofp_ext.data import mnist
 from aofp_ext.graph import analyze
 from aofp_ext.models import lenet5_bn, resnet_cifar
 from aofp_ext.pricing import MacsModel, build_targets, select_targets
@@ -478,23 +478,7 @@ def test_gate_grads_sum_over_every_consumer_position() -> None:
 def mnist_small() -> dict:
     """1,024 training and 500 test images of the shipped MNIST and a LeNet-5-BN trained on them
     for two quick epochs (its state dict)."""
-    root = data_dir() / "mnist"
-    xtr, ytr = mnist(root, "train").tensors
-    xte, yte = mnist(root, "test").tensors
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(xtr), generator=g)[:1024]
-    data = {"xtr": xtr[idx], "ytr": ytr[idx], "xte": xte[:500], "yte": yte[:500]}
-    torch.manual_seed(0)
-    model = lenet5_bn()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(2):
-        for i in range(0, 1024, 64):
-            loss = F.cross_entropy(model(data["xtr"][i:i + 64]), data["ytr"][i:i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    data["state"] = copy.deepcopy(model.state_dict())
-    return data
+    return _mnist_small(500)
 
 
 METHODS = {"l1": {}, "bn_scale": {}, "random": {}, "oracle": {}, "oracle-loss": {},

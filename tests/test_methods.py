@@ -4,21 +4,19 @@ planted duplicate filters; the accuracy metric of the batched masked forwards; b
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _nets import data_dir
+from _nets import mnist_small as _mnist_small
 from torch.utils.data import DataLoader, TensorDataset
 
 import aofp_ext
 from aofp_ext.criteria import SelectionContext, get_criterion
 from aofp_ext.criteria.agent import agent_reward
 from aofp_ext.criteria.functional import cluster_filters
-from aofp_ext.data import mnist
 from aofp_ext.graph import analyze
 from aofp_ext.models import lenet5_bn
 from aofp_ext.pricing import MacsModel, build_targets, select_targets
@@ -30,23 +28,7 @@ LENET_IN = torch.zeros(1, 1, 28, 28)
 def mnist_small() -> dict[str, torch.Tensor]:
     """1,024 training and 1,000 test images of the shipped MNIST, and a LeNet-5-BN trained on
     them for two quick epochs (its state dict): the recipe of tests/test_prune.py."""
-    root = data_dir() / "mnist"
-    xtr, ytr = mnist(root, "train").tensors
-    xte, yte = mnist(root, "test").tensors
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(xtr), generator=g)[:1024]
-    data = {"xtr": xtr[idx], "ytr": ytr[idx], "xte": xte[:1000], "yte": yte[:1000]}
-    torch.manual_seed(0)
-    model = lenet5_bn()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(2):
-        for i in range(0, 1024, 64):
-            loss = F.cross_entropy(model(data["xtr"][i:i + 64]), data["ytr"][i:i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    data["state"] = copy.deepcopy(model.state_dict())
-    return data
+    return _mnist_small()
 
 
 def prune_lenet(data: dict, method: str, seed: int = 0, target: float = 0.5,
