@@ -647,28 +647,7 @@ def run_part(part: str, cfg: Config, work: Path, methods: list[str], tp_imps: li
 
 def lenet_base(cfg: Config, train: Dataset, work: Path) -> tuple[dict, float | None]:
     """The base LeNet-5-BN of bench/prune.py (same recipe and cache file name in --work)."""
-    path = work / f"lenet5-base-{cfg.lenet_base_epochs}ep-{len(train)}.pt"
-    torch.manual_seed(cfg.seed)
-    model = lenet5_bn()
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.state_dict(), None
-    t0 = time.perf_counter()
-    loader = selection_loader(train, cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    total, i = cfg.lenet_base_epochs * len(loader), 0
-    model.train()
-    for _ in range(cfg.lenet_base_epochs):
-        for x, y in loader:
-            for g in opt.param_groups:
-                g["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * i / total))
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            i += 1
-    torch.save(model.state_dict(), path)
-    return model.state_dict(), time.perf_counter() - t0
+    return _bp.lenet_base(selection_loader(train, cfg), cfg.lenet_base_epochs, cfg.seed, work)
 
 
 # --------------------------------------------------------------------------------------------

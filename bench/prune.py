@@ -182,6 +182,33 @@ def _partial_row(name: str, model, kw: dict, last: dict, n_test: int, t0: float,
 # --------------------------------------------------------------------------------------------
 
 
+def lenet_base(loader: DataLoader, epochs: int, seed: int, work: Path
+               ) -> tuple[dict, float | None]:
+    """The base LeNet-5-BN (SGD momentum 0.9, weight decay 1e-4, lr 0.05 cosine per step) and
+    its training seconds, or the copy cached in ``work`` (then None seconds)."""
+    path = work / f"lenet5-base-{epochs}ep-{len(loader.dataset)}.pt"
+    torch.manual_seed(seed)
+    model = lenet5_bn()
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.state_dict(), None
+    t0 = time.perf_counter()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    total, i = epochs * len(loader), 0
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            for g in opt.param_groups:
+                g["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * i / total))
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            i += 1
+    torch.save(model.state_dict(), path)
+    return model.state_dict(), time.perf_counter() - t0
+
+
 def lenet_part(cfg: Config, work: Path) -> dict:
     root = default_data_dir() / "mnist"
     train = subset(mnist(root, "train"), cfg.train_limit)
@@ -194,30 +221,9 @@ def lenet_part(cfg: Config, work: Path) -> dict:
 
     loader = make_loader()
 
-    base_path = work / f"lenet5-base-{cfg.lenet_base_epochs}ep-{len(train)}.pt"
-    torch.manual_seed(cfg.seed)
+    base, base_seconds = lenet_base(loader, cfg.lenet_base_epochs, cfg.seed, work)
     model = lenet5_bn()
-    t0 = time.perf_counter()
-    if base_path.is_file():
-        model.load_state_dict(torch.load(base_path, weights_only=True))
-        base_seconds = None
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        total = cfg.lenet_base_epochs * len(loader)
-        i = 0
-        model.train()
-        for _ in range(cfg.lenet_base_epochs):
-            for x, y in loader:
-                for g in opt.param_groups:
-                    g["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * i / total))
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                i += 1
-        torch.save(model.state_dict(), base_path)
-        base_seconds = time.perf_counter() - t0
-    base = model.state_dict()
+    model.load_state_dict(base)
     base_acc = aofp_ext.accuracy(test_loader)(model.eval())
     print(f"[lenet] base accuracy {base_acc:.2f} % on {len(test)} test images", flush=True)
 
