@@ -9,12 +9,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", []() {
     py::dict d;
     d["torch_version"] = AOFP_TORCH_VERSION;
+    d["cxx_standard"] = AOFP_CXX_STANDARD;
 #ifdef AOFP_WITH_CUDA
     d["cuda"] = true;
-    d["cuda_archs"] = AOFP_CUDA_ARCHS;
+    d["cuda_archs"] = AOFP_CUDA_ARCHS;  // CMake style: "90-real,90-virtual" = sm_90 SASS + compute_90 PTX
+    d["nvcc_version"] = AOFP_NVCC_VERSION;
 #else
     d["cuda"] = false;
     d["cuda_archs"] = "";
+    d["nvcc_version"] = "";
 #endif
 #ifdef _OPENMP
     d["openmp"] = true;

@@ -29,7 +29,6 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 
 # The flags CMake uses for CUDA sources (CMakeLists.txt), for sm_90 SASS and compute_90 PTX.
 COMMON = [
-    "-std=c++17",
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_90,code=compute_90",
     "--expt-relaxed-constexpr",
@@ -37,6 +36,19 @@ COMMON = [
     "-O3",
     f"-I{CSRC}",
 ]
+
+
+def _cxx_standard() -> int:
+    """The C++ standard CMake chose for the installed torch (C++20 from torch 2.14 on)."""
+    try:
+        import aofp_ext
+
+        return int(aofp_ext.build_info()["cxx_standard"])
+    except Exception:  # extension not built: the rule of CMakeLists.txt
+        import torch
+
+        major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+        return 20 if (major, minor) >= (2, 14) else 17
 
 
 def _torch_flags() -> list[str]:
@@ -54,7 +66,7 @@ def _torch_flags() -> list[str]:
 
 
 def _command(path: Path, out_dir: Path, torch_flags: list[str]) -> list[str]:
-    cmd = [NVCC, *COMMON]
+    cmd = [NVCC, f"-std=c++{_cxx_standard()}", *COMMON]
     if KERNELS in path.parents:
         # torch-free: nothing but csrc on the include path, and no warning tolerated
         cmd += ["-Werror", "all-warnings", "-Xcompiler", "-Wall"]
