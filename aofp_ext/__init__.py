@@ -6,7 +6,7 @@ a thin Python driver runs the search. See README.md and docs/.
 
 from . import criteria, data, models, ops
 from ._loader import ExtensionNotBuiltError, build_info
-from .checkpoint import load, save
+from .checkpoint import WeightsFileError, load, load_weights, save
 from .distributed import DistributedError
 from .flops import count_flops
 from .graph import ChannelGroup, channel_groups, masked_forward
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ops", "build_info", "ExtensionNotBuiltError", "__version__",
     "channel_groups", "ChannelGroup", "masked_forward", "prune_channels_", "count_flops",
-    "save", "load", "models", "data", "prune", "PruneResult", "NonFiniteLossError", "accuracy",
+    "save", "load", "load_weights", "WeightsFileError", "models", "data", "prune", "PruneResult", "NonFiniteLossError", "accuracy",
     "DistributedError", "criteria",
 ]

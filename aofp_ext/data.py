@@ -22,12 +22,15 @@ from torch.utils.data import TensorDataset
 __all__ = [
     "DataFormatError", "default_data_dir", "read_idx", "read_mnist", "mnist",
     "read_cifar10_batch", "read_cifar10", "cifar10", "MNIST_MEAN", "MNIST_STD",
-    "CIFAR10_MEAN", "CIFAR10_STD",
+    "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "image_folder",
 ]
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 # What the shipped ResNet weights (akamaster/pytorch_resnet_cifar10) were trained with.
 CIFAR10_MEAN, CIFAR10_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class DataFormatError(ValueError):
@@ -245,3 +248,33 @@ def cifar10(root: str | Path | None = None, split: str = "train", normalize: boo
     if normalize:
         x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     return TensorDataset(x, labels)
+
+
+def image_folder(root: str | Path, split: str, input_size: int = 224):
+    """A torchvision ``ImageFolder`` over ``root/split`` (one subfolder per class; ``split`` is
+    ``train`` or ``val``, and ``test`` is accepted for ``val``), with the standard ImageNet
+    transforms: ``train`` random-resized crops of ``input_size`` and horizontal flips, ``val``
+    resized to ``input_size / 0.875`` and centre-cropped; both normalised with ImageNet's mean and
+    std. Needs torchvision (and Pillow)."""
+    try:
+        from torchvision import datasets, transforms
+    except ImportError as exc:
+        raise DataFormatError(f"image folders need torchvision ({exc}); "
+                              "pip install torchvision matching your torch") from exc
+    root = Path(root)
+    folder = root / split
+    if split == "val" and not folder.is_dir() and (root / "test").is_dir():
+        folder = root / "test"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (an image folder needs {root}/train and "
+                                f"{root}/val, with one subfolder of images per class)")
+    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if split == "train":
+        tf = [transforms.RandomResizedCrop(input_size), transforms.RandomHorizontalFlip()]
+    else:
+        tf = [transforms.Resize(round(input_size / 0.875)), transforms.CenterCrop(input_size)]
+    try:
+        return datasets.ImageFolder(str(folder), transforms.Compose(
+            [*tf, transforms.ToTensor(), norm]))
+    except (FileNotFoundError, RuntimeError) as exc:  # e.g. a class folder with no images
+        raise DataFormatError(f"{folder}: {exc}") from exc
