@@ -458,7 +458,7 @@ def main(argv=None) -> int:
     rows = run(cfg)
     peaks = None
     if want_peak:
-        n = 256 if args.tiny else (8192 if args.device == "cuda" else 2048)
+        n = 128 if args.tiny else (8192 if args.device == "cuda" else 2048)
         peaks = measure_peaks(args.device, n, repeats=2 if args.tiny else 10)
         print("\n" + gemm_table(rows, peaks))
         print(f"matmul peak ({n} x {n}): fp32 {peaks['fp32']:.2f} TFLOP/s"
