@@ -16,11 +16,11 @@
 # reports run):
 #   0  preflight: GPU, python packages, nvcc, compute-sanitizer, the shipped data
 #   a  build with CUDA for sm_90 against this machine's torch (no network), print build_info()
-#   b  pytest -m cuda tests/test_cuda.py tests/test_cuda_model.py
-#   d  bench/kernels.py --device cuda: fused vs the batched loop, ResNet-56/50 shapes, K = 64,
+#   b  pytest -m cuda tests/test_cuda.py tests/test_cuda_model.py      } side by side: checks,
+#   c1 compute-sanitizer memcheck, c2 racecheck, on bench/gpu_ops_smoke.py } not timings
+#   d  bench/kernels.py --device cuda: fused vs the batched loop, ResNet-50/56 shapes, K = 64,
 #      256, 1024, the mask product's TFLOP/s against the measured fp32/tf32 matmul peak
 #   e1 bench/search_step.py (issue 16) if present;  e2 a ResNet-56 prune to 50 % MACs, timed
-#   c1 compute-sanitizer memcheck, c2 racecheck, on bench/gpu_ops_smoke.py
 #   f  (always) the reports under $OUT and a one-screen summary with the compass figures
 # Exit status: 0 when no stage failed.
 set -uo pipefail
@@ -168,7 +168,7 @@ EOF
 
 stage_build() {
   if [ "$DRY" = 1 ]; then
-    echo "dry run: would run: CMAKE_BUILD_PARALLEL_LEVEL=\$(nproc) $PY -m pip install --no-build-isolation --no-deps -v -e . -Ccmake.define.AOFP_CUDA=ON"
+    echo "dry run: would run: CMAKE_BUILD_PARALLEL_LEVEL=\$(nproc) $PY -m pip install --no-index --no-build-isolation --no-deps -v -e . -Ccmake.define.AOFP_CUDA=ON"
     echo "dry run: checking the installed (CPU) build instead"
   else
     if [ -n "${CUDACXX:-}" ]; then
@@ -177,7 +177,7 @@ stage_build() {
       echo "nvcc: not found on PATH or in /usr/local/cuda*/bin (CMake will look for itself)"
     fi
     CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-      $PY -m pip install --no-build-isolation --no-deps -v -e . -Ccmake.define.AOFP_CUDA=ON || return 1
+      $PY -m pip install --no-index --no-build-isolation --no-deps -v -e . -Ccmake.define.AOFP_CUDA=ON || return 1
   fi
   $PY -c "import aofp_ext, json; print(json.dumps(aofp_ext.build_info()))" > "$WORK/build_info.json" || return 1
   echo "build_info: $(cat "$WORK/build_info.json")"
@@ -247,11 +247,15 @@ stage_prune() {
   timeout --kill-after=5 $((STAGE_CAP > 30 ? STAGE_CAP - 15 : 15)) "${cmd[@]}"
   rc=$?
   wall=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
-  local note=""
-  [ "$rc" = 124 ] && note="stopped by its time limit of $((STAGE_CAP - 15)) s"
+  local note="" stopped=()
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    note="stopped by its time limit"
+    stopped=(--stopped)
+  fi
   [ "$DRY" = 1 ] && note="dry run: ResNet-20, 64 images, 1 step on the CPU (not the GPU figure)"
   $PY bench/gpu_report.py prune-md --report "$WORK/prune/report.json" --wall "$wall" \
-    --command "${cmd[*]}" --note "$note" --out "$OUT/prune-$TAG.md" --json "$WORK/prune-summary.json" \
+    --command "${cmd[*]}" --note "$note" ${stopped[@]+"${stopped[@]}"} --out "$OUT/prune-$TAG.md" \
+    --json "$WORK/prune-summary.json" \
     | tee "$WORK/e2.note" || return 1
   return "$rc"
 }
@@ -329,12 +333,18 @@ main() {
   run_stage 0 "preflight" 60 stage_preflight
   run_stage a "build (CUDA, sm_90) + build_info" 240 stage_build \
     || SKIP_REST="the build failed"
-  run_stage b "pytest -m cuda (ops, cut, prune)" 150 stage_tests
+  # The correctness checks side by side (the machine has cores to spare), the timings alone.
+  echo
+  echo "=== [b] and [c1, c2] run side by side; their output follows when both have ended ==="
+  (run_stage b "pytest -m cuda (ops, cut, prune)" 150 stage_tests) > "$WORK/b.out" 2>&1 &
+  local pid_b=$!
+  (run_stage c1 "compute-sanitizer memcheck" 100 stage_memcheck
+   run_stage c2 "compute-sanitizer racecheck" 100 stage_racecheck) > "$WORK/c.out" 2>&1 &
+  wait "$pid_b" $!
+  cat "$WORK/b.out" "$WORK/c.out"
   run_stage d "bench/kernels.py --device cuda" 150 stage_kernels
   run_stage e1 "bench/search_step.py" 90 stage_search_step
   run_stage e2 "ResNet-56 prune to 50 % MACs" 150 stage_prune
-  run_stage c1 "compute-sanitizer memcheck" 90 stage_memcheck
-  run_stage c2 "compute-sanitizer racecheck" 90 stage_racecheck
   reports
 }
 

@@ -112,7 +112,8 @@ def sanitizer(logs: list[Path], out: Path, tag: str, command: str) -> None:
 # ---- prune ------------------------------------------------------------------------------------
 
 
-def prune_md(report: Path, wall: float, command: str, out: Path, note: str = "") -> dict:
+def prune_md(report: Path, wall: float, command: str, out: Path, note: str = "",
+             stopped: bool = False) -> dict:
     m = machine()
     r = json.loads(report.read_text()) if report.is_file() else None
     lines = ["# ResNet-56 pruned to 50 % of its MACs with AOFP", "",
@@ -136,7 +137,7 @@ def prune_md(report: Path, wall: float, command: str, out: Path, note: str = "")
         lines += [f"| {k} | {v} | {r['widths_after'].get(k)} |"
                   for k, v in r.get("widths_before", {}).items()]
     out.write_text("\n".join(lines) + "\n")
-    return {"wall_seconds": wall, "command": command,
+    return {"wall_seconds": wall, "command": command, "stopped_by_limit": stopped,
             **({k: r.get(k) for k in ("steps", "stop_reason", "reached_target", "search_seconds",
                                       "macs_fraction", "accuracy_before",
                                       "accuracy_after_search", "device")} if r else {})}
@@ -164,17 +165,22 @@ def compass(kernels: dict | None, prune: dict | None, dry: bool) -> list[dict]:
         return "MET" if ok else "NOT MET"
 
     rows = (kernels or {}).get("rows") or []
+    complete = ((kernels or {}).get("meta") or {}).get("complete", True)
+
+    def partial_verdict(ok: bool) -> str:  # a partial table cannot show "every shape"
+        return verdict(ok) if complete or not ok else "not measured (the benchmark stopped early)"
+
     r50 = [r for r in rows if r["shape"].startswith("R50")]
     kmax = max((r["K"] for r in r50), default=None)
     at = [r for r in r50 if r["K"] == kmax]
     ratios = [(r[f"fused {m}"] / r[f"loop {m}"], r["shape"], m) for r in at for m in FUSED_MODES]
     if ratios:
         lo = min(ratios)
-        fig = (f"min {lo[0]:.1f}x ({lo[1]}, {lo[2]}), median "
+        fig = ("" if complete else "PARTIAL: ") + (f"min {lo[0]:.1f}x ({lo[1]}, {lo[2]}), median "
                f"{statistics.median(v for v, *_ in ratios):.1f}x, max {max(ratios)[0]:.1f}x")
         out.append(dict(name=f"fused vs batched loop, K = {kmax}, ResNet-50 shapes (every shape "
                         f"and fused mode >= {RATIO_GOAL:g}x)", figure=fig,
-                        value=lo[0], verdict=verdict(lo[0] >= RATIO_GOAL)))
+                        value=lo[0], verdict=partial_verdict(lo[0] >= RATIO_GOAL)))
     else:
         out.append(dict(name="fused vs batched loop, K = 1024, ResNet-50 shapes", figure="-",
                         value=None, verdict=verdict(None)))
@@ -183,12 +189,12 @@ def compass(kernels: dict | None, prune: dict | None, dry: bool) -> list[dict]:
             if peak and f"tflops {m}" in r]
     if pcts:
         lo = min(pcts)
-        fig = (f"min {lo[0]:.1f} % ({lo[1]}, {lo[2]}), median "
+        fig = ("" if complete else "PARTIAL: ") + (f"min {lo[0]:.1f} % ({lo[1]}, {lo[2]}), median "
                f"{statistics.median(v for v, *_ in pcts):.1f} %, max {max(pcts)[0]:.1f} % of "
                f"{peak:.3g} TFLOP/s")
         out.append(dict(name=f"mask product (GEMM-like stage) vs measured fp32 matmul peak, "
                         f"K = {kmax}, ResNet-50 shapes (every one >= {PEAK_GOAL_PCT:g} %)",
-                        figure=fig, value=lo[0], verdict=verdict(lo[0] >= PEAK_GOAL_PCT)))
+                        figure=fig, value=lo[0], verdict=partial_verdict(lo[0] >= PEAK_GOAL_PCT)))
     else:
         out.append(dict(name="mask product vs fp32 peak, ResNet-50 shapes", figure="-",
                         value=None, verdict=verdict(None)))
@@ -200,22 +206,30 @@ def compass(kernels: dict | None, prune: dict | None, dry: bool) -> list[dict]:
         out.append(dict(name=f"ResNet-56 search to 50 % MACs on the device (<= {SEARCH_GOAL_S:g} s)",
                         figure=fig, value=s,
                         verdict=verdict(bool(reached) and s <= SEARCH_GOAL_S)))
-    else:
-        fig = (f"did not finish ({prune['wall_seconds']:.0f} s wall)" if prune else "-")
+    elif prune and prune.get("stopped_by_limit"):  # longer than its limit, so than the goal
         out.append(dict(name=f"ResNet-56 search to 50 % MACs on the device (<= {SEARCH_GOAL_S:g} s)",
-                        figure=fig, value=None,
-                        verdict=verdict(False if prune and not dry else None)))
+                        figure=f"stopped by its limit after {prune['wall_seconds']:.0f} s wall",
+                        value=None, verdict=verdict(False)))
+    else:
+        fig = "the prune failed (see its stage log)" if prune else "-"
+        out.append(dict(name=f"ResNet-56 search to 50 % MACs on the device (<= {SEARCH_GOAL_S:g} s)",
+                        figure=fig, value=None, verdict=verdict(None)))
     return out
 
 
+STAGE_ORDER = ["0", "a", "b", "c1", "c2", "d", "e1", "e2"]
+
+
 def read_stages(path: Path) -> list[dict]:
+    """The stages recorded by gpu_check.sh, in their order (b and c run side by side)."""
     stages = []
     if path.is_file():
         for line in path.read_text().splitlines():
             sid, name, status, secs, note = (line.split("\t") + [""] * 5)[:5]
             stages.append(dict(id=sid, name=name, status=status, seconds=float(secs or 0),
                                note=note))
-    return stages
+    rank = {sid: i for i, sid in enumerate(STAGE_ORDER)}
+    return sorted(stages, key=lambda st: rank.get(st["id"], len(rank)))
 
 
 def summary(work: Path, out: Path, tag: str, dry: bool) -> int:
@@ -269,6 +283,7 @@ def main(argv=None) -> int:
     pm.add_argument("--out", type=Path, required=True)
     pm.add_argument("--json", type=Path, required=True, help="write the figures here")
     pm.add_argument("--note", default="")
+    pm.add_argument("--stopped", action="store_true", help="the prune was stopped by its limit")
     sm = sub.add_parser("summary")
     sm.add_argument("--work", type=Path, required=True)
     sm.add_argument("--out", type=Path, required=True)
@@ -289,7 +304,7 @@ def main(argv=None) -> int:
         sanitizer(a.logs, a.out, a.tag, a.command)
         return 0
     if a.cmd == "prune-md":
-        fig = prune_md(a.report, a.wall, a.command, a.out, a.note)
+        fig = prune_md(a.report, a.wall, a.command, a.out, a.note, a.stopped)
         a.json.write_text(json.dumps(fig, indent=1))
         if fig.get("search_seconds") is None:
             print(f"no report.json; {fig['wall_seconds']:.1f} s wall")

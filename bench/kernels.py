@@ -222,7 +222,8 @@ def fp32_math(device: str):
          torch.backends.cudnn.benchmark) = saved
 
 
-def run(cfg: Config, quiet: bool = False) -> list[dict]:
+def run(cfg: Config, quiet: bool = False, on_row=None) -> list[dict]:
+    """The table's rows; ``on_row(rows)`` after each (to save partial results)."""
     rows = []
     gen = torch.Generator().manual_seed(0)
     batched = cfg.baseline == "batched"
@@ -277,6 +278,8 @@ def run(cfg: Config, quiet: bool = False) -> list[dict]:
                 rows.append(row)
                 if not quiet:
                     print(format_row(row), flush=True)
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
@@ -379,11 +382,11 @@ def config_from(args) -> Config:
     if args.tiny:
         return Config(shapes=TINY, ks=args.ks or (4, 16), repeats=1, loop_masks=8, check_masks=4,
                       device=args.device, baseline=args.baseline or "batched", chunk_bytes=1 << 16)
-    return Config(shapes=args.shapes or (RESNET56 + (RESNET50 if gpu else VGG)),
+    return Config(shapes=args.shapes or ((RESNET50 + RESNET56) if gpu else (RESNET56 + VGG)),
                   ks=args.ks or ((64, 256, 1024) if gpu else (16, 64, 256, 1024)),
                   repeats=args.repeats, loop_masks=args.loop_masks or (256 if gpu else 16),
                   device=args.device, baseline=args.baseline or ("batched" if gpu else "loop"),
-                  chunk_bytes=args.chunk_mib << 20)
+                  chunk_bytes=(args.chunk_mib or (4096 if gpu else 1024)) << 20)
 
 
 def baseline_note(cfg: Config) -> str:
@@ -438,11 +441,12 @@ def main(argv=None) -> int:
                    help="loop: one masked forward per mask (default on the CPU); batched: chunks "
                    "of masked copies in one convolution (default on a GPU)")
     p.add_argument("--shapes", type=parse_shapes, default=None, metavar="SET[,SET]",
-                   help=f"shape sets {sorted(SHAPE_SETS)} (default r56,vgg; on a GPU r56,r50)")
+                   help=f"shape sets {sorted(SHAPE_SETS)} (default r56,vgg; on a GPU r50,r56)")
     p.add_argument("--ks", type=parse_ints, default=None, metavar="K[,K]",
                    help="numbers of masks (default 16,64,256,1024; on a GPU 64,256,1024)")
-    p.add_argument("--chunk-mib", type=int, default=1024,
-                   help="the batched loop's working memory per chunk (default 1024 MiB)")
+    p.add_argument("--chunk-mib", type=int, default=None,
+                   help="the batched loop's working memory per chunk (default 1024 MiB, on a GPU "
+                   "4096)")
     p.add_argument("--peak", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the float32 (and TF32) matmul peak and report the mask "
                    "product's TFLOP/s (default: on a GPU only)")
@@ -453,29 +457,39 @@ def main(argv=None) -> int:
         p.error("--device cuda: no CUDA device is available")
     cfg = config_from(args)
     want_peak = args.peak if args.peak is not None else args.device == "cuda"
-    print(header("batched" if cfg.baseline == "batched" else "loop"))
     t0 = time.perf_counter()
-    rows = run(cfg)
     peaks = None
-    if want_peak:
+    if want_peak:  # first, so that partial results (a stopped run) carry it
         n = 128 if args.tiny else (8192 if args.device == "cuda" else 2048)
         peaks = measure_peaks(args.device, n, repeats=2 if args.tiny else 10)
-        print("\n" + gemm_table(rows, peaks))
         print(f"matmul peak ({n} x {n}): fp32 {peaks['fp32']:.2f} TFLOP/s"
               + (f", tf32 {peaks['tf32']:.2f} TFLOP/s" if peaks["tf32"] else ""))
-    took = time.perf_counter() - t0
     cmd = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
-    if args.out:
-        write_markdown(args.out, cfg, rows, peaks, cmd, took)
-        print(f"wrote {args.out}")
-    if args.json:
-        meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                "machine": machine(cfg.device), "command": cmd, "seconds": took,
-                "device": cfg.device, "baseline": cfg.baseline, "loop_masks": cfg.loop_masks,
-                "repeats": cfg.repeats, "chunk_bytes": cfg.chunk_bytes}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "peaks": peaks, "passes": PASSES, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+
+    def save(rows: list[dict], done: bool) -> None:
+        took = time.perf_counter() - t0
+        if args.out:
+            write_markdown(args.out, cfg, rows, peaks, cmd if done else cmd + " [stopped early: "
+                           "partial results]", took)
+        if args.json:
+            meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "machine": machine(cfg.device), "command": cmd, "seconds": took,
+                    "complete": done, "device": cfg.device, "baseline": cfg.baseline,
+                    "loop_masks": cfg.loop_masks, "repeats": cfg.repeats,
+                    "chunk_bytes": cfg.chunk_bytes}
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "peaks": peaks, "passes": PASSES, "rows": rows}, f,
+                          indent=1)
+
+    print(header("batched" if cfg.baseline == "batched" else "loop"))
+    partial = (lambda rows: save(rows, False)) if (args.out or args.json) else None
+    rows = run(cfg, on_row=partial)
+    if peaks is not None:
+        print("\n" + gemm_table(rows, peaks))
+    save(rows, True)
+    for path in (args.out, args.json):
+        if path:
+            print(f"wrote {path}")
     return 0
 
 
