@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY="${2:?--only needs a list of stages, e.g. a,b,d}"; shift ;;
     --only=*) ONLY="${1#--only=}" ;;
     --prepare) PREPARE=1 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -124,7 +124,11 @@ run_stage() {  # ID NAME CAP_SECONDS FUNCTION
   note=$(tail -n 1 "$WORK/$id.note" 2>/dev/null)
   case $rc in
     0) status=ok; [ -f "$WORK/$id.skip" ] && status=skipped ;;
-    124|137) status=TIMEOUT; note="killed at ${cap} s; $note" ;;
+    124) status=TIMEOUT; note="stopped at its limit of ${cap} s; $note" ;;
+    137) status=TIMEOUT; note="killed at its limit of ${cap} s; $note"
+      if awk -v s="$secs" -v c="$cap" 'BEGIN { exit !(s < c - 1) }'; then
+        status=FAILED; note="killed by SIGKILL after ${secs} s (out of memory?); $note"
+      fi ;;
     *) status=FAILED; note="exit $rc; $note" ;;
   esac
   record "$id" "$name" "$status" "$secs" "$note"
@@ -138,8 +142,11 @@ stage_preflight() {
   local bad=0 m
   $PY bench/gpu_report.py machine || bad=1
   if [ "$DRY" = 0 ]; then
-    nvidia-smi || { echo "preflight: nvidia-smi failed"; bad=1; }
-    $PY -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())" || bad=1
+    nvidia-smi || echo "preflight: nvidia-smi failed"
+    if ! $PY -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"; then
+      echo "no GPU visible to torch: the other stages are skipped" | tee "$WORK/0.note"
+      return 3
+    fi
   fi
   local missing optional
   read -r missing optional < <($PY - <<'EOF'
@@ -331,6 +338,7 @@ main() {
     fi
   fi
   run_stage 0 "preflight" 60 stage_preflight
+  [ "$?" = 3 ] && SKIP_REST="no GPU visible to torch"
   run_stage a "build (CUDA, sm_90) + build_info" 240 stage_build \
     || SKIP_REST="the build failed"
   # The correctness checks side by side (the machine has cores to spare), the timings alone.

@@ -251,7 +251,7 @@ def summary(work: Path, out: Path, tag: str, dry: bool) -> int:
     print(f"{'stage':<44} {'status':<10} {'seconds':>8}  note")
     for s in stages:
         print(f"{s['id'] + ' ' + s['name']:<44.44} {s['status']:<10} {s['seconds']:>8.1f}  "
-              f"{s['note']}")
+              f"{s['note'][:120]}")
     print("compass:")
     for c in comp:
         print(f"  - {c['name']}:\n      {c['figure']} -> {c['verdict']}")
