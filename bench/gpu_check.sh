@@ -344,7 +344,7 @@ main() {
   # The correctness checks side by side (the machine has cores to spare), the timings alone.
   echo
   echo "=== [b] and [c1, c2] run side by side; their output follows when both have ended ==="
-  (run_stage b "pytest -m cuda (ops, cut, prune)" 150 stage_tests) > "$WORK/b.out" 2>&1 &
+  (run_stage b "pytest -m cuda (ops, cut, prune)" 200 stage_tests) > "$WORK/b.out" 2>&1 &
   local pid_b=$!
   (run_stage c1 "compute-sanitizer memcheck" 100 stage_memcheck
    run_stage c2 "compute-sanitizer racecheck" 100 stage_racecheck) > "$WORK/c.out" 2>&1 &

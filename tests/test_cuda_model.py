@@ -40,8 +40,12 @@ MODELS = {
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
-    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4,
-                               atol=1e-5 * float(want.abs().max()))
+    """float32 rounding through up to 56 layers; on a GPU cuDNN may pick other algorithms
+    (Winograd, FFT) for the cut model than for the masked one: 10x looser there. A wrong
+    channel anywhere changes the outputs at O(1)."""
+    tol = 1e-4 if torch.device(DEVICE).type == "cpu" else 1e-3
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=tol,
+                               atol=tol * 0.1 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
