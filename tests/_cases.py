@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+#: Where the `cuda`-marked tests run: "cuda", or "cpu" to dry-run their logic on the CPU ops
+#: (``AOFP_CUDA_TEST_DEVICE=cpu``, as bench/gpu_check.sh --dry-run does).
+CUDA_TEST_DEVICE = os.environ.get("AOFP_CUDA_TEST_DEVICE", "cuda")
+
+
+def cuda_skip_reason() -> str | None:
+    """Why the `cuda`-marked tests cannot run here (None: they can, or it is a CPU dry run)."""
+    if CUDA_TEST_DEVICE != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    import aofp_ext
+
+    try:
+        info = aofp_ext.build_info()
+    except Exception as exc:  # pragma: no cover - broken install
+        return f"aofp_ext._C not loadable: {exc}"
+    if not info["cuda"]:
+        return "aofp_ext was built without its CUDA kernels"
+    return None
 
 
 def rand_case(gen, *, N, C, O, H=None, W=None, k=3, K=9, bias=True, norm="none", linear=False):

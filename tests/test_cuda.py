@@ -9,7 +9,6 @@ workspace budgets, streams -- skip themselves then).
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -17,30 +16,15 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import aofp_ext
 from aofp_ext import ops
 
-from _cases import assert_damage_close, rand_case
+from _cases import CUDA_TEST_DEVICE, assert_damage_close, cuda_skip_reason, rand_case
 
-DEVICE = os.environ.get("AOFP_CUDA_TEST_DEVICE", "cuda")
+DEVICE = CUDA_TEST_DEVICE
 ON_GPU = DEVICE == "cuda"
 
 
-def _skip_reason() -> str | None:
-    if not ON_GPU:
-        return None  # dry run on the CPU ops
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        info = aofp_ext.build_info()
-    except Exception as exc:  # pragma: no cover - broken install
-        return f"aofp_ext._C not loadable: {exc}"
-    if not info["cuda"]:
-        return "aofp_ext was built without its CUDA kernels"
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = cuda_skip_reason()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="checks a GPU-only property")
 
