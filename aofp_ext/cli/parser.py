@@ -5,6 +5,7 @@ argument types that check values as they are parsed. Each command's function is 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .build import ARCHS, parse_data
 from .commands import bench_cmd, eval_cmd, info, prune_cmd
@@ -61,13 +62,21 @@ def _positive(text: str) -> int:
     return v
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aofp", description="aofp_ext: Approximated Oracle Filter Pruning for PyTorch CNNs")
     sub = p.add_subparsers(dest="command", required=True)
+    _prune_command(sub)
+    _eval_command(sub)
+    _demo_command(sub)
+    _bench_command(sub)
+    i = sub.add_parser("info", help="print the build configuration")
+    i.set_defaults(func=info)
+    return p
 
-    # prune
+
+def _prune_command(sub: Any) -> None:
+    """``aofp prune``: every option of :func:`aofp_ext.prune` the command exposes."""
     pr = sub.add_parser(
         "prune", help="prune a trained model with AOFP to a MACs target",
         description="Prune a trained model with AOFP until its MACs fall to --target-flops, cut "
@@ -124,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "before failing (default 600)")
     pr.set_defaults(func=prune_cmd)
 
-    # eval
+
+def _eval_command(sub: Any) -> None:
+    """``aofp eval``."""
     ev = sub.add_parser("eval", help="accuracy, MACs and params of a (pruned) model",
                         description="Top-1 accuracy on the test split, MACs and parameters.")
     ev.add_argument("--arch", required=True, choices=ARCHS)
@@ -137,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--test-limit", type=_positive, default=None)
     ev.set_defaults(func=eval_cmd)
 
-    # demo
+
+def _demo_command(sub: Any) -> None:
+    """``aofp demo`` (and ``--pricing``)."""
     d = sub.add_parser(
         "demo", help="prune LeNet-5-BN on the shipped MNIST to <= 50%% MACs (a few minutes on "
         "a laptop CPU); --pricing: the kernel pricing demo on ResNet-56",
@@ -165,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--pricing: random attempts to price (default 256)")
     d.set_defaults(func=demo)
 
-    # bench
+
+def _bench_command(sub: Any) -> None:
+    """``aofp bench WHICH ARGS...``."""
     b = sub.add_parser(
         "bench", help="run a script of bench/ (source tree): kernels, prune, compare, distributed",
         description="Run a benchmark script of the source tree with the given arguments, e.g. "
@@ -173,7 +188,3 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("which", choices=["kernels", "prune", "compare", "distributed"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     b.set_defaults(func=bench_cmd)
-
-    i = sub.add_parser("info", help="print the build configuration")
-    i.set_defaults(func=info)
-    return p

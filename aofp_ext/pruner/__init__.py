@@ -25,14 +25,14 @@ import torch.nn.functional as F
 
 from .. import distributed as ddist
 from ..graph import Inputs, _as_tuple
-from .batches import Batches, set_rng_state
+from .batches import Batches
 from .common import NonFiniteLossError, accuracy, evaluate, model_device, sgd
 from .criterion import select_by_criterion
 from .cut import cut, redo_cut
 from .finetune import finetune
-from .plan import Plan, make_plan
+from .plan import make_plan
 from .report import build_report, write_outputs
-from .run_checkpoint import CHECKPOINT_NAME, RunCheckpoint, RunState, start_or_resume
+from .run_checkpoint import CHECKPOINT_NAME, RunCheckpoint, start_or_resume
 from .search_loop import AofpSearch
 from .settings import Settings
 
@@ -161,24 +161,21 @@ def prune(
         finetune_epochs=finetune_epochs, thresh=thresh, lr=lr, finetune_lr=finetune_lr,
         bn_mode=bn_mode, targets=targets, seed=seed)
     dev = torch.device(device) if device is not None else model_device(model)
-    model.to(dev)
-    example = tuple(t.to(dev) for t in _as_tuple(example_inputs))
-    was_training = model.training
+    example, was_training = _to_device(model, example_inputs, dev), model.training
     plan = make_plan(model, example, s)
     s.check_same_on_every_rank(plan.config, optimizer is None, checkpoint_dir)
     own_optimizer = optimizer is None
-    if optimizer is None:
-        optimizer = sgd(model, lr)
-    gen = torch.Generator().manual_seed(seed)  # the attempts' draws
+    optimizer = sgd(model, lr) if own_optimizer else optimizer
+    gen = torch.Generator().manual_seed(seed)  # draws the attempts
     store = RunCheckpoint(checkpoint_dir)
     run = start_or_resume(store, plan.config, seed, lambda: evaluate(model, eval_fn))
 
     if run.phase == "search":
         batches = Batches(train_loader, example, dev)
         if run.saved is not None:
-            _restore_search(run, model, optimizer, plan, batches, gen, lr if own_optimizer
-                            else None)
-        if s.criterion is not None:
+            run.restore_search(model, optimizer, plan.targets, batches, gen,
+                               lr if own_optimizer else None)
+        if s.criterion is not None:  # select: by a criterion, or by the AOFP search
             calibration = (batches if calibration_loader is None
                            else Batches(calibration_loader, example, dev))
             select_by_criterion(model, plan, s, run, calibration, loss_fn, dev,
@@ -190,13 +187,8 @@ def prune(
         cut(model, plan, s, run, optimizer, example, eval_fn, store, train_loader)
     else:
         redo_cut(model, run, example)
-
     if run.phase == "finetune":
-        finetune(model, train_loader, example, dev, s, run, store, loss_fn, progress)
-        run.info["accuracy_after_finetune"] = (evaluate(model, eval_fn) if finetune_epochs
-                                               else run.info.get("accuracy_after_search"))
-        run.phase = "done"
-        store.save(run.cut_snapshot(model, None, finetune_epochs))
+        finetune(model, train_loader, example, dev, s, run, store, loss_fn, eval_fn, progress)
 
     model.train(was_training)
     report = build_report(model, example, plan, s, run, dev)
@@ -207,18 +199,8 @@ def prune(
     return PruneResult(model, report)
 
 
-def _restore_search(run: RunState, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    plan: Plan, batches: Batches, gen: torch.Generator,
-                    lr: float | None) -> None:
-    """A run resumed during the search: model, optimizer (its lr reset to ``lr`` unless None:
-    the caller's optimizer), every target's search, the data position, the RNG states."""
-    saved = run.saved
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    if lr is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-    for t, state in zip(plan.targets, saved["search"]):
-        t.search.load_state_dict(state)
-    batches.restore(saved["loader"])
-    set_rng_state(saved["rng"], gen)
+def _to_device(model: nn.Module, example_inputs: Inputs,
+               device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Moves ``model`` to ``device``; returns the example inputs there, as a tuple."""
+    model.to(device)
+    return tuple(t.to(device) for t in _as_tuple(example_inputs))

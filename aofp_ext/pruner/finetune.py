@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import distributed as ddist
 from .batches import Batches, loader_generator, rng_state, set_rng_state
-from .common import NonFiniteLossError, progress_bar, sgd
+from .common import NonFiniteLossError, evaluate, progress_bar, sgd
 from .run_checkpoint import RunCheckpoint, RunState
 from .settings import Settings
 
@@ -22,8 +22,20 @@ __all__ = ["finetune"]
 
 def finetune(model: nn.Module, loader: Iterable, example: tuple[torch.Tensor, ...],
              device: torch.device, s: Settings, run: RunState, store: RunCheckpoint,
-             loss_fn: Callable, progress: bool) -> None:
-    """``s.finetune_epochs`` epochs over ``loader`` (continuing a resumed run's epochs)."""
+             loss_fn: Callable, eval_fn: Callable[[nn.Module], float] | None,
+             progress: bool) -> None:
+    """The finetune phase: ``s.finetune_epochs`` epochs over ``loader`` (continuing a resumed
+    run's), the accuracy after, the run done (its last checkpoint)."""
+    _epochs(model, loader, example, device, s, run, store, loss_fn, progress)
+    run.info["accuracy_after_finetune"] = (evaluate(model, eval_fn) if s.finetune_epochs
+                                           else run.info.get("accuracy_after_search"))
+    run.phase = "done"
+    store.save(run.cut_snapshot(model, None, s.finetune_epochs))
+
+
+def _epochs(model: nn.Module, loader: Iterable, example: tuple[torch.Tensor, ...],
+            device: torch.device, s: Settings, run: RunState, store: RunCheckpoint,
+            loss_fn: Callable, progress: bool) -> None:
     if s.finetune_epochs == 0:
         return
     opt = sgd(model, s.finetune_lr)

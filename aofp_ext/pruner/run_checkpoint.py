@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .. import distributed as ddist
 from ..pricing import Target
-from .batches import rng_state
+from .batches import Batches, rng_state, set_rng_state
 
 __all__ = ["CHECKPOINT_NAME", "RunCheckpoint", "RunState", "start_or_resume"]
 
@@ -110,6 +110,22 @@ class RunState:
                 "search": [t.search.state_dict() for t in targets], "loader": loader,
                 "rng": rng, "history": self.history, "timing": self.timing, "info": self.info,
                 "stop_reason": None}
+
+    def restore_search(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       targets: list[Target], batches: Batches, gen: torch.Generator,
+                       lr: float | None) -> None:
+        """Resuming during the search: what :meth:`search_snapshot` saved back in place (the
+        optimizer's lr reset to ``lr`` unless None: the caller's own optimizer)."""
+        saved = self.saved
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        for t, state in zip(targets, saved["search"]):
+            t.search.load_state_dict(state)
+        batches.restore(saved["loader"])
+        set_rng_state(saved["rng"], gen)
 
     def cut_snapshot(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                      epoch: int, rng: dict[str, Any] | None = None) -> dict[str, Any]:
