@@ -89,7 +89,8 @@ def eval_cmd(args: argparse.Namespace) -> int:
 def bench_cmd(args: argparse.Namespace) -> int:
     import runpy
 
-    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.which}.py"
+    root = Path(__file__).resolve().parents[2]  # aofp_ext/cli/commands.py -> the source tree
+    script = root / "bench" / f"{args.which}.py"
     if not script.is_file():
         print(f"aofp bench: {script} not found: the benchmarks live in the source tree "
               "(bench/); run from a source checkout (pip install -e .)", file=sys.stderr)

@@ -36,6 +36,7 @@ def finetune(model: nn.Module, loader: Iterable, example: tuple[torch.Tensor, ..
 def _epochs(model: nn.Module, loader: Iterable, example: tuple[torch.Tensor, ...],
             device: torch.device, s: Settings, run: RunState, store: RunCheckpoint,
             loss_fn: Callable, progress: bool) -> None:
+    """The epochs not yet done; a checkpoint after each."""
     if s.finetune_epochs == 0:
         return
     opt = sgd(model, s.finetune_lr)
