@@ -65,7 +65,7 @@ class AofpSearch:
         self._check_loss(loss, before)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():
+        with torch.no_grad():  # before the optimizer step: the attempts see this forward's weights
             self._draw_price_record(active)
         self.optimizer.step()
         self._capture([])
