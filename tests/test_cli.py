@@ -68,8 +68,17 @@ def test_prune_then_eval(tmp_path, capsys) -> None:
     (["prune", "--arch", "lenet5", "--weights", "w", "--data", "mnist", "--out", "o",
       "--target-flops", "1.5"], "must be a fraction in (0, 1]"),
     (["prune", "--arch", "lenet5", "--weights", "w", "--data", "imagenet", "--out", "o"],
-     "--data must be cifar10[:DIR] or mnist[:DIR]"),
+     "--data must be cifar10[:DIR], mnist[:DIR] or folder:DIR"),
     (["eval", "--arch", "nope", "--weights", "w", "--data", "mnist"], "invalid choice"),
+    (["eval", "--model", "resnet20", "--arch", "resnet20", "--weights", "w", "--data", "mnist"],
+     "not allowed with argument"),
+    (["eval", "--weights", "w", "--data", "mnist"], "one of the arguments --model --arch is required"),
+    (["eval", "--model", "resnet20", "--model-kwargs", "[1]", "--weights", "w", "--data", "mnist"],
+     "expected a JSON object"),
+    (["eval", "--model", "resnet20", "--model-kwargs", "{num_classes: 3}", "--weights", "w",
+      "--data", "mnist"], "expected a JSON object such as"),
+    (["eval", "--model", "resnet20", "--weights", "w", "--data", "folder"],
+     "--data folder:DIR needs the folder"),
 ])
 def test_bad_flags(argv, message, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -79,6 +88,80 @@ def test_bad_flags(argv, message, capsys) -> None:
 
 
 def test_missing_weights_file(tmp_path) -> None:
-    with pytest.raises(SystemExit, match="weights file .* not found"):
+    with pytest.raises(SystemExit, match=r"aofp: --weights: .*none\.pt: no such file"):
         main(["eval", "--arch", "lenet5", "--weights", str(tmp_path / "none.pt"), "--data",
               "mnist"])
+
+
+def test_model_weights_and_data_errors_name_the_argument(tmp_path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)))
+    lenet = tmp_path / "lenet.pt"
+    torch.save(lenet5_bn().state_dict(), lenet)
+    cases = [
+        (["--model", "no_such_pkg.nets:build", "--weights", str(lenet), "--data", "mnist"],
+         r"aofp: --model: model 'no_such_pkg.nets:build': cannot import module"),
+        (["--model", "torch.nn:Conv2d", "--weights", str(lenet), "--data", "mnist"],
+         r"aofp: --model: .*the factory raised TypeError"),
+        (["--model", "lenet5", "--weights", str(garbage), "--data", "mnist"],
+         r"aofp: --weights: .*garbage\.pt is corrupt or not a PyTorch file"),
+        (["--model", "resnet20", "--weights", str(lenet), "--data", "cifar10"],
+         r"aofp: --weights: .*lenet\.pt does not fit ResNetCifar"),
+        (["--model", "lenet5", "--weights", str(lenet), "--data", f"folder:{tmp_path / 'nowhere'}"],
+         r"aofp: --data: "),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            main(["eval", *argv])
+
+
+def _image_folder(root, size: int = 20):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                px = torch.randint(0, 256, (size, size + 3, 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(px.numpy()).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_prune_own_model_on_an_image_folder(tmp_path, capsys) -> None:
+    pytest.importorskip("torchvision")
+    from _nets import ProjectionNet
+
+    root = _image_folder(tmp_path / "images")
+    torch.manual_seed(0)
+    weights = tmp_path / "net.pt"
+    torch.save({"state_dict": ProjectionNet().state_dict()}, weights)
+    data = f"folder:{root}"
+    rc = main(["prune", "--model", "_nets:ProjectionNet", "--weights", str(weights), "--data",
+               data, "--input-size", "16", "--target-flops", "0.9", "--out", str(tmp_path / "out"),
+               "--masks-per-step", "8", "--iters-per-half", "1", "--warmup-iters", "0",
+               "--thresh", "1e9", "--max-steps", "8", "--batch-size", "4", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rc = main(["eval", "--model", "_nets:ProjectionNet", "--weights",
+               str(tmp_path / "out" / "model.pt"), "--data", data, "--input-size", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "on 6 folder test images: accuracy" in out, out
+    macs = int(out.split("%, ")[1].split(" MACs")[0].replace(",", ""))
+    from aofp_ext import count_flops
+
+    full, _ = count_flops(ProjectionNet(), torch.zeros(1, 3, 16, 16))
+    assert macs <= 0.9 * full
+
+
+def test_eval_a_torchvision_model_by_spec(tmp_path, capsys) -> None:
+    tv = pytest.importorskip("torchvision")
+    root = _image_folder(tmp_path / "images")
+    torch.manual_seed(0)
+    weights = tmp_path / "rn18.pt"
+    torch.save(tv.models.resnet18(num_classes=2).state_dict(), weights)
+    rc = main(["eval", "--model", "torchvision.models:resnet18", "--model-kwargs",
+               '{"num_classes": 2}', "--weights", str(weights), "--data", f"folder:{root}",
+               "--input-size", "32"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("torchvision.models:resnet18 (") and "6 folder test images" in out

@@ -80,7 +80,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     acc = accuracy(data.test)(model)
     macs, params = count_flops(model, data.example.to(args.device or "cpu"))
-    print(f"{args.arch} ({args.weights}) on {data.test_images} {data.name} test images: "
+    print(f"{args.model or args.arch} ({args.weights}) on {data.test_images} {data.name} test images: "
           f"accuracy {acc:.2f} %, {macs:,} MACs, {params:,} params "
           f"({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .build import ARCHS, parse_data
+from .build import ARCHS, parse_data, parse_model_kwargs
 from .commands import bench_cmd, eval_cmd, info, prune_cmd
 from .demo import demo
 
@@ -62,6 +62,34 @@ def _positive(text: str) -> int:
     return v
 
 
+def _model_and_data_options(p: argparse.ArgumentParser, command: str) -> None:
+    """The options that name the model, its weights and the data (``prune`` and ``eval``)."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="SPEC",
+                       help="the model: a built-in name (" + ", ".join(ARCHS) + "), "
+                       "timm:NAME (e.g. timm:resnet50d) or PKG.MODULE:FACTORY (e.g. "
+                       "torchvision.models:resnet50, my_pkg.nets:build), called with "
+                       "--model-kwargs; never downloads weights")
+    which.add_argument("--arch", choices=ARCHS, help="a built-in model (same as --model NAME)")
+    p.add_argument("--model-kwargs", type=parse_model_kwargs, default={}, metavar="JSON",
+                   help="keyword arguments of the model factory, a JSON object, e.g. "
+                   "'{\"num_classes\": 10}'")
+    p.add_argument("--weights", required=True,
+                   help="trained weights: a state dict (plain or {'state_dict': ...}) of the "
+                   "architecture, or a model saved by aofp_ext.save / aofp prune (model.pt); "
+                   "loaded with weights_only")
+    p.add_argument("--data", required=True, type=parse_data, metavar="NAME[:DIR]",
+                   help="cifar10[:DIR] or mnist[:DIR] (default DIR: the shipped data), or "
+                   "folder:DIR, an image folder with DIR/train and DIR/val (one subfolder per "
+                   "class; random-resized crops + flips for training, resize + centre crop for "
+                   "val, ImageNet normalisation; needs torchvision)"
+                   + (": its val/ split" if command == "eval" else ""))
+    p.add_argument("--input-size", type=_positive, default=224,
+                   help="folder data: the side of the square input images (default 224)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes (default 0: load in the main process)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aofp", description="aofp_ext: Approximated Oracle Filter Pruning for PyTorch CNNs")
@@ -82,7 +110,7 @@ def _prune_command(sub: Any) -> None:
         description="Prune a trained model with AOFP until its MACs fall to --target-flops, cut "
         "the channels, optionally finetune; writes model.pt, report.{json,md,png} and a "
         "checkpoint/ folder into --out (re-run the same command to resume).")
-    pr.add_argument("--arch", required=True, choices=ARCHS)
+    _model_and_data_options(pr, "prune")
     pr.add_argument("--method", default="aofp", choices=available_methods(),
                     help="aofp (the search, default) or a criterion + global ranking "
                     "(docs/methods.md)")
@@ -91,10 +119,6 @@ def _prune_command(sub: Any) -> None:
                     "--method-option keep_prob=0.7; VALUE is read as a Python literal")
     pr.add_argument("--calibration-batches", type=_positive, default=8,
                     help="training batches a criterion reads (default 8; not aofp)")
-    pr.add_argument("--weights", required=True, help="trained weights (a state dict, or a "
-                    "model saved by aofp_ext.save)")
-    pr.add_argument("--data", required=True, type=parse_data, metavar="NAME[:DIR]",
-                    help="cifar10[:DIR] or mnist[:DIR] (default DIR: the shipped data)")
     pr.add_argument("--target-flops", type=_fraction, default=0.5,
                     help="stop when MACs <= this fraction of the original (default 0.5)")
     pr.add_argument("--out", required=True, help="output folder")
@@ -138,11 +162,7 @@ def _eval_command(sub: Any) -> None:
     """``aofp eval``."""
     ev = sub.add_parser("eval", help="accuracy, MACs and params of a (pruned) model",
                         description="Top-1 accuracy on the test split, MACs and parameters.")
-    ev.add_argument("--arch", required=True, choices=ARCHS)
-    ev.add_argument("--weights", required=True,
-                    help="a state dict, or a pruned model saved by aofp prune (model.pt)")
-    ev.add_argument("--data", required=True, type=parse_data, metavar="NAME[:DIR]",
-                    help="cifar10[:DIR] or mnist[:DIR]")
+    _model_and_data_options(ev, "eval")
     ev.add_argument("--device", default=None)
     ev.add_argument("--batch-size", type=_positive, default=500)
     ev.add_argument("--test-limit", type=_positive, default=None)
