@@ -65,18 +65,25 @@ def fused_cost(C: int, O: int, T: int, P: int, K: int) -> float:
     return _KERNEL_SLOWDOWN * O * P * C * (T + (1 << b) / b + K / b)
 
 
+# Cost model (multiply-adds in units of a float32 BLAS GEMM multiply-add). Calibrated on the
+# 2-core CPU at K = 64 and 1024 (bench/results/kernels-cpu.md): float64 work, the einsum that
+# contracts the im2col Gram with the weights and the mask forms run at about a quarter of the
+# GEMM rate; the fused tile kernel at about half.
+_F64 = 4.0
+
+
 def _build_cost(C: int, O: int, T: int, P: int, per_output: bool) -> tuple[float, str]:
-    """The cheaper way to the moments: ``sigma`` (im2col Gram, contracted with the weights) or
-    ``z`` (the contributions by a grouped conv, then their Gram)."""
+    """The cheaper way to the moments: ``sigma`` (the im2col Gram, one GEMM, contracted with
+    the weights) or ``z`` (the contributions by a batched matmul, then their Grams)."""
     ct = C * T
-    sigma = ct * ct * P / 2 + (O * C * C * T * T if per_output else ct * ct * O)
-    z = O * C * P * T + (O * C * C * P / 2 if per_output else C * C * O * P / 2)
+    sigma = ct * ct * P / 2 + (_F64 * O * C * C * T * T if per_output else ct * ct * O)
+    z = 4 * O * C * P * T + (O * C * C * P if per_output else C * C * O * P)
     return (sigma, "sigma") if sigma <= z else (z, "z")
 
 
 def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool) -> float:
     build, _ = _build_cost(C, O, T, P, per_output=batch)
-    forms = K * O * C * C * 2 if batch else K * C * C  # float64 forms: twice a float32 MAC
+    forms = _F64 * K * O * C * C if batch else _F64 * K * C * C
     return _CALL_OVERHEAD + build + forms
 
 
@@ -93,26 +100,37 @@ def _samples_per_block(N: int, floats_per_sample: int) -> int:
     return max(1, min(N, _BLOCK // max(1, floats_per_sample)))
 
 
-def _cols(x, weight, stride, padding, dilation, step=None) -> Iterator[torch.Tensor]:
+def _cols(x, weight, stride, padding, dilation, step=None, centre=False
+          ) -> Iterator[torch.Tensor]:
     """``(C*T, n*L)`` float32 blocks of the im2col matrix (rows ordered channel-major), ``step``
-    samples at a time."""
+    samples at a time. ``centre``: every entry minus the mean of its input channel over the
+    first block (padding included: a constant shift per row, which second moments about the
+    mean do not see, but which removes a large common offset before any product)."""
     if x.dim() == 2:
         step = step or _samples_per_block(x.shape[0], x.shape[1])
+        shift = x[:step].mean(dim=0) if centre else None
         for n0 in range(0, x.shape[0], step):
-            yield x[n0:n0 + step].t().contiguous()
+            xb = x[n0:n0 + step]
+            yield (xb - shift).t().contiguous() if centre else xb.t().contiguous()
         return
     C, _, T, P = _geometry(x, weight, stride, padding, dilation)
     L = P // x.shape[0]
     step = step or _samples_per_block(x.shape[0], C * T * L)
+    shift = x[:step].mean(dim=(0, 2, 3)) if centre else None
     for n0 in range(0, x.shape[0], step):
-        yield _im2col(x[n0:n0 + step], tuple(weight.shape[2:]), stride, padding, dilation)
+        yield _im2col(x[n0:n0 + step], tuple(weight.shape[2:]), stride, padding, dilation, shift)
 
 
-def _im2col(x, ks, stride, padding, dilation) -> torch.Tensor:
-    """``(C*kh*kw, n*Ho*Wo)``: one strided view of the padded input, copied once (``F.unfold``
-    is a scalar loop on the CPU, several times slower)."""
+def _im2col(x, ks, stride, padding, dilation, shift=None) -> torch.Tensor:
+    """``(C*kh*kw, n*Ho*Wo)``: one strided view of the padded input (minus ``shift[c]``, padding
+    included), copied once (``F.unfold`` is a scalar loop on the CPU, several times slower)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = ks, stride, padding, dilation
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    if shift is not None:
+        s = shift.view(1, -1, 1, 1)
+        xp = (-s).expand(x.shape[0], -1, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw).contiguous()
+        xp[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]] = x - s
+    else:
+        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     n, C, H, W = xp.shape
     ho, wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
     a, b, c, d = xp.stride()
@@ -144,12 +162,14 @@ class _Moments:
         self.n = 0
 
     def add(self, v: torch.Tensor, centred: bool) -> None:   # v: (..., R, n) float32
+        """``centred``: shift the rows by the first block's row means (False: the caller has
+        shifted them, or the raw sums are wanted)."""
         if centred:
             if self.shift is None:
                 self.shift = v.mean(dim=-1, keepdim=True)
             v = v - self.shift
         g = torch.matmul(v, v.transpose(-1, -2)).double()
-        s = v.sum(dim=-1, dtype=torch.float64)
+        s = v.sum(dim=-1).double()
         self.gram = g if self.gram is None else self.gram.add_(g)
         self.sums = s if self.sums is None else self.sums.add_(s)
         self.n += v.shape[-1]
@@ -171,8 +191,8 @@ def per_output_grams(x, weight, stride, padding, dilation) -> Iterator[tuple[int
     ob = max(1, min(O, _BLOCK // max(1, C * C * T)))
     if route == "sigma":
         m = _Moments()
-        for cols in _cols(x, weight, stride, padding, dilation):
-            m.add(cols, centred=True)
+        for cols in _cols(x, weight, stride, padding, dilation, centre=True):
+            m.add(cols, centred=False)
         sig = _sym(m.centred_gram()).view(C, T, C, T)
         for o0 in range(0, O, ob):
             o1 = min(O, o0 + ob)
