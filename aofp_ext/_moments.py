@@ -76,7 +76,7 @@ def _build_cost(C: int, O: int, T: int, P: int, per_output: bool) -> tuple[float
     """The cheaper way to the moments: ``sigma`` (the im2col Gram, one GEMM, contracted with
     the weights) or ``z`` (the contributions by a batched matmul, then their Grams)."""
     ct = C * T
-    sigma = ct * ct * P / 2 + (_F64 * O * C * C * T * T if per_output else ct * ct * O)
+    sigma = ct * ct * P * (T + 1) / (2 * T) + (_F64 * O * C * C * T * T if per_output else ct * ct * O)
     z = 4 * O * C * P * T + (O * C * C * P if per_output else C * C * O * P)
     return (sigma, "sigma") if sigma <= z else (z, "z")
 
@@ -100,7 +100,7 @@ def _samples_per_block(N: int, floats_per_sample: int) -> int:
     return max(1, min(N, _BLOCK // max(1, floats_per_sample)))
 
 
-def _cols(x, weight, stride, padding, dilation, step=None, centre=False
+def _cols(x, weight, stride, padding, dilation, step=None, centre=False, tap_major=False
           ) -> Iterator[torch.Tensor]:
     """``(C*T, n*L)`` float32 blocks of the im2col matrix (rows ordered channel-major), ``step``
     samples at a time. ``centre``: every entry minus the mean of its input channel over the
@@ -118,11 +118,12 @@ def _cols(x, weight, stride, padding, dilation, step=None, centre=False
     step = step or _samples_per_block(x.shape[0], C * T * L)
     shift = x[:step].mean(dim=(0, 2, 3)) if centre else None
     for n0 in range(0, x.shape[0], step):
-        yield _im2col(x[n0:n0 + step], tuple(weight.shape[2:]), stride, padding, dilation, shift)
+        yield _im2col(x[n0:n0 + step], tuple(weight.shape[2:]), stride, padding, dilation, shift,
+                      tap_major)
 
 
-def _im2col(x, ks, stride, padding, dilation, shift=None) -> torch.Tensor:
-    """``(C*kh*kw, n*Ho*Wo)``: one strided view of the padded input (minus ``shift[c]``, padding
+def _im2col(x, ks, stride, padding, dilation, shift=None, tap_major=False) -> torch.Tensor:
+    """``(C*kh*kw, n*Ho*Wo)`` (rows ``c*T + t``, or ``t*C + c`` when ``tap_major``): one strided view of the padded input (minus ``shift[c]``, padding
     included), copied once (``F.unfold`` is a scalar loop on the CPU, several times slower)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = ks, stride, padding, dilation
     if shift is not None:
@@ -136,7 +137,32 @@ def _im2col(x, ks, stride, padding, dilation, shift=None) -> torch.Tensor:
     a, b, c, d = xp.stride()
     v = xp.as_strided((C, kh, kw, n, ho, wo), (b, dh * c, dw * d, a, sh * c, sw * d),
                       xp.storage_offset())
+    if tap_major:
+        v = v.permute(1, 2, 0, 3, 4, 5)
     return v.reshape(C * kh * kw, n * ho * wo)
+
+
+def _im2col_gram(x, weight, stride, padding, dilation, centre: bool) -> torch.Tensor:
+    """``(C*T, C*T)`` float64 Gram of the im2col rows (channel-major), centred or not.
+
+    The rows are built tap-major and only the blocks ``(t, u >= t)`` are multiplied (one GEMM
+    per tap ``t``: ``X_t [X_t; ...; X_{T-1}]^T``), about ``(T + 1) / 2T`` of the full product;
+    the rest is the transpose."""
+    C, _, T, P = _geometry(x, weight, stride, padding, dilation)
+    g = torch.zeros(T, C, T, C, dtype=torch.float64, device=x.device)
+    sums = torch.zeros(T * C, dtype=torch.float64, device=x.device)
+    for cols in _cols(x, weight, stride, padding, dilation, centre=centre, tap_major=True):
+        for t in range(T):
+            blk = torch.matmul(cols[t * C:(t + 1) * C], cols[t * C:].t())  # (C, (T-t) C)
+            g[t, :, t:] += blk.view(C, T - t, C).double()
+        sums += cols.sum(dim=1).double()
+    for t in range(T):                       # the lower blocks from the upper ones
+        for u in range(t):
+            g[t, :, u] = g[u, :, t].t()
+    if centre:
+        mean = sums / P
+        g -= P * (mean[:, None] * mean[None, :]).view(T, C, T, C)
+    return _sym(g.permute(1, 0, 3, 2).reshape(C * T, C * T))
 
 
 def _contributions(x, weight, stride, padding, dilation, o0, o1) -> Iterator[torch.Tensor]:
@@ -190,10 +216,7 @@ def per_output_grams(x, weight, stride, padding, dilation) -> Iterator[tuple[int
     _, route = _build_cost(C, O, T, P, per_output=True)
     ob = max(1, min(O, _BLOCK // max(1, C * C * T)))
     if route == "sigma":
-        m = _Moments()
-        for cols in _cols(x, weight, stride, padding, dilation, centre=True):
-            m.add(cols, centred=False)
-        sig = _sym(m.centred_gram()).view(C, T, C, T)
+        sig = _im2col_gram(x, weight, stride, padding, dilation, centre=True).view(C, T, C, T)
         for o0 in range(0, O, ob):
             o1 = min(O, o0 + ob)
             w = weight[o0:o1].reshape(o1 - o0, C, T).double()
@@ -218,10 +241,7 @@ def output_summed_gram(x, weight, stride, padding, dilation, scale=None) -> torc
     if scale is not None:
         w = w * scale.double()[:, None]
     if route == "sigma":
-        m = _Moments()
-        for cols in _cols(x, weight, stride, padding, dilation):
-            m.add(cols, centred=False)
-        g = m.gram * (w.t() @ w)                                  # (C*T, C*T)
+        g = _im2col_gram(x, weight, stride, padding, dilation, centre=False) * (w.t() @ w)
         return _sym(g.view(C, T, C, T).sum(dim=(1, 3)))
     g = torch.zeros(C, C, dtype=torch.float64, device=x.device)
     ob = max(1, min(O, _BLOCK // max(1, C * P)))
