@@ -137,6 +137,18 @@ def patched(parts: Parts):
             setattr(obj, name, fn)
 
 
+@contextmanager
+def fused_only():
+    """ops.masked_damage with the moments path switched off (every call on the fused pass)."""
+    from aofp_ext import ops
+    saved = ops._use_moments
+    ops._use_moments = lambda *a, **k: False
+    try:
+        yield
+    finally:
+        ops._use_moments = saved
+
+
 # --------------------------------------------------------------------------------------------
 # The two steps
 # --------------------------------------------------------------------------------------------
@@ -249,6 +261,7 @@ def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wa
         "capture | pricing | decision |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    fused = [r for r in rows if "fused_search_s" in r]
     for r in rows:
         s = r["search_s"]
         pct = {k: 100 * r["parts"][k] / s for k in r["parts"]}
@@ -257,6 +270,18 @@ def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wa
             f"| {r['model']} | {r['targets']} | {r['batch']}, {r['input']} | {r['K']} | "
             f"{r['plain_s']:.3f} s | {s:.3f} s | **{r['ratio']:.2f}x** | {rest:.0f} % | "
             f"{pct['capture']:.0f} % | {pct['pricing']:.0f} % | {pct['decision']:.0f} % |")
+    if fused:
+        lines += ["", "The same search step with every attempt priced by the fused tile pass "
+                  "(`ops.masked_damage(method=\"fused\")`, the moments path off), in the same "
+                  "run:", "",
+                  "| model | K | search step, moments path on | pricing | search step, fused "
+                  "only | pricing | ratio to plain, fused only |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in fused:
+            lines.append(f"| {r['model']} | {r['K']} | {r['search_s']:.3f} s | "
+                         f"{r['parts']['pricing']:.3f} s | {r['fused_search_s']:.3f} s | "
+                         f"{r['fused_pricing_s']:.3f} s | "
+                         f"{r['fused_search_s'] / r['plain_s']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -271,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the markdown table here")
     p.add_argument("--json", default=None, help="write the raw figures here")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: a dry run in seconds")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's setting); stated in the file")
+    p.add_argument("--compare-fused", action="store_true",
+                   help="also time the search step with every attempt priced by the fused "
+                        "tile pass (the moments path off): the gain of the moments path")
     a = p.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     names = [m.strip() for m in a.models.split(",") if m.strip()]
@@ -299,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                        input="x".join(map(str, spec.shape[1:])), K=K, plain_s=plain,
                        search_s=s, ratio=s / plain, parts=parts, steps=steps,
                        load=loadavg())
+            if a.compare_fused:
+                with fused_only():
+                    ft, fparts, _ = search_steps(copy.deepcopy(base), data, a.device, steps, K)
+                row["fused_search_s"] = statistics.median(ft)
+                row["fused_pricing_s"] = fparts["pricing"]
             rows.append(row)
             print(f"{spec.name:24s} K={K:4d} plain {plain:.3f} s  search {s:.3f} s  "
                   f"ratio {s / plain:.2f}x  " + "  ".join(f"{k} {v:.3f}" for k, v in
