@@ -33,7 +33,8 @@ _CALL_OVERHEAD = 3.0e7    # fixed cost of the torch path (about 40 torch ops: ~1
 
 
 def _geometry(x, weight, stride, padding, dilation):
-    """(C, O, T, P) and the unfold arguments; Linear followers are 1x1 convs over N positions."""
+    """(C, O, T, P): channels, outputs, kernel taps, output positions (a Linear follower is a
+    1x1 conv over its N samples)."""
     O, C = weight.shape[:2]
     if x.dim() == 2:
         return C, O, 1, x.shape[0]
