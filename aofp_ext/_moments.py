@@ -217,15 +217,17 @@ def per_output_grams(x, weight, stride, padding, dilation) -> Iterator[tuple[int
     _, route = _build_cost(C, O, T, P, per_output=True)
     ob = max(1, min(O, _BLOCK // max(1, C * C * T)))
     if route == "sigma":
-        sig = _im2col_gram(x, weight, stride, padding, dilation, centre=True).view(C, T, C, T)
+        # float32 from here: the centred Gram has no large common part left to cancel
+        sig = _im2col_gram(x, weight, stride, padding, dilation, centre=True).float()
+        sig = sig.view(C, T, C, T)
         for o0 in range(0, O, ob):
             o1 = min(O, o0 + ob)
-            w = weight[o0:o1].reshape(o1 - o0, C, T).double()
+            w = weight[o0:o1].reshape(o1 - o0, C, T).float()
             # Gc_o[c, d] = sum_{t, u} W[o, c, t] Sigma[(c, t), (d, u)] W[o, d, u]: a batched
             # matmul over d (contracting u), then a weighted sum over t
             h = torch.bmm(sig.permute(2, 0, 1, 3).reshape(C, C * T, T), w.permute(1, 2, 0))
             h = h.view(C, C, T, o1 - o0).permute(3, 1, 2, 0)           # (Oc, C, T, C_d)
-            yield o0, o1, (w[..., None] * h).sum(dim=2)
+            yield o0, o1, (w[..., None] * h).sum(dim=2).double()
         return
     for o0 in range(0, O, ob):
         o1 = min(O, o0 + ob)
@@ -240,11 +242,11 @@ def output_summed_gram(x, weight, stride, padding, dilation, scale=None) -> torc
     form at a linear follower output."""
     C, O, T, P = _geometry(x, weight, stride, padding, dilation)
     _, route = _build_cost(C, O, T, P, per_output=False)
-    w = weight.reshape(O, C * T).double()
+    w = weight.reshape(O, C * T).float()
     if scale is not None:
-        w = w * scale.double()[:, None]
+        w = w * scale.float()[:, None]
     if route == "sigma":
-        g = _im2col_gram(x, weight, stride, padding, dilation, centre=False) * (w.t() @ w)
+        g = _im2col_gram(x, weight, stride, padding, dilation, centre=False) * (w.t() @ w).double()
         return _sym(g.view(C, T, C, T).sum(dim=(1, 3)))
     g = torch.zeros(C, C, dtype=torch.float64, device=x.device)
     ob = max(1, min(O, _BLOCK // max(1, C * P)))
