@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _moments
 from ._loader import _C, require_C
 
 __all__ = [
@@ -88,8 +89,9 @@ def masked_damage(
     shift: torch.Tensor | None = None,
     eps: float = 1e-5,
     post: str = "none",
+    method: str = "auto",
 ) -> torch.Tensor:
-    """Damage of each of K channel masks at a follower's output, in one fused pass.
+    """Damage of each of K channel masks at a follower's output.
 
     ``damage[k] = sum((f(conv(x * masks[k])) - f(conv(x))) ** 2)`` over every output element,
     where ``f`` is ``norm`` then ``post``.
@@ -104,19 +106,57 @@ def masked_damage(
             ``"batch"`` (BatchNorm on the batch statistics of each masked output separately,
             biased variance, ``eps``, then ``* scale + shift``: ``nn.BatchNorm2d`` in training mode).
         post: ``"none"`` or ``"relu"``.
+        method: ``"auto"`` (default: the cheaper exact path by the cost model of
+            docs/kernels.md), ``"fused"`` (the extension's one-pass tile kernel,
+            ``torch.ops.aofp.masked_damage``) or ``"moments"`` (the moments of the channel
+            contributions by BLAS, then every mask in closed form; ``post="none"`` only).
 
     Returns:
         ``(K,)`` float32 (float64 accumulation inside); memory stays bounded for any K and N.
     """
     _check_backend("masked_damage", x, weight, masks, bias, scale, shift)
-    return torch.ops.aofp.masked_damage(
-        x, weight, masks,
-        bias=bias,
-        stride=_pair(stride, "stride"),
-        padding=_pair(padding, "padding"),
-        dilation=_pair(dilation, "dilation"),
-        norm=norm, scale=scale, shift=shift, eps=float(eps), post=post,
-    )
+    if method not in ("auto", "fused", "moments"):
+        raise ValueError(f"masked_damage: method must be 'auto', 'fused' or 'moments', got "
+                         f"{method!r}")
+    args = dict(bias=bias, stride=_pair(stride, "stride"), padding=_pair(padding, "padding"),
+                dilation=_pair(dilation, "dilation"), norm=norm, scale=scale, shift=shift,
+                eps=float(eps), post=post)
+    if method == "moments" and not _moments.eligible(norm, post):
+        raise ValueError(f"masked_damage: method='moments' prices post='none' followers only "
+                         f"(norm none/affine/batch), got norm={norm!r}, post={post!r}")
+    if (method != "fused" and _moments.eligible(norm, post)
+            and not torch.compiler.is_compiling()):
+        # every argument checked by the op itself (no mask is priced with K = 0)
+        torch.ops.aofp.masked_damage(x, weight, masks[:0], **args)
+        if _use_moments(x, weight, masks, args, forced=method == "moments"):
+            return _masked_damage_moments(x, weight, masks, args)
+    return torch.ops.aofp.masked_damage(x, weight, masks, **args)
+
+
+def _use_moments(x, weight, masks, args, forced: bool) -> bool:
+    C, O, T, P = _moments._geometry(x, weight, args["stride"], args["padding"],
+                                    args["dilation"])
+    K = masks.shape[0]
+    if min(K, C, O, P) == 0:
+        return False   # nothing to price: the op returns its zeros
+    if forced:
+        return True
+    batch = args["norm"] == "batch"
+    return _moments.moments_cost(C, O, T, P, K, batch) < _moments.fused_cost(C, O, T, P, K)
+
+
+def _masked_damage_moments(x, weight, masks, args) -> torch.Tensor:
+    if masks.dtype == torch.uint8 and bool((masks > 1).any()):
+        raise RuntimeError("masked_damage: uint8 masks must hold only 0 and 1 (found a value > "
+                           "1); use a bool tensor")
+    geo = (args["stride"], args["padding"], args["dilation"])
+    x32, w32 = x.float(), weight.float()
+    if args["norm"] == "batch":
+        d = _moments.batch_damage(x32, w32, masks, *geo, args["scale"], args["eps"])
+    else:
+        d = _moments.linear_damage(x32, w32, masks, *geo,
+                                   args["scale"] if args["norm"] == "affine" else None)
+    return d.float()
 
 
 def channel_gram(
@@ -127,22 +167,33 @@ def channel_gram(
     padding: IntPair = 0,
     dilation: IntPair = 1,
     scale: torch.Tensor | None = None,
+    method: str = "auto",
 ) -> torch.Tensor:
     """Gram matrix of the per-channel contributions ``z_c = conv(x[:, c], W[:, c])``.
 
     ``G[c, c'] = sum over (n, o, h, w) of scale[o]**2 * z_c * z_c'``; the damage of any mask at a
     linear follower output is ``r^T G r`` (r = 1 for removed channels), see
     :func:`quadratic_damage`. Its diagonal is the exact single-channel oracle. Returns ``(C, C)``
-    float32.
+    float32. ``method``: ``"auto"`` (default; ``"blas"`` outside ``torch.compile``), ``"blas"``
+    (the factored or direct form, whichever costs less, by torch matmuls) or ``"kernel"`` (the
+    extension's own op, ``torch.ops.aofp.channel_gram``).
     """
     _check_backend("channel_gram", x, weight, scale)
-    return torch.ops.aofp.channel_gram(
-        x, weight,
-        stride=_pair(stride, "stride"),
-        padding=_pair(padding, "padding"),
-        dilation=_pair(dilation, "dilation"),
-        scale=scale,
-    )
+    if method not in ("auto", "blas", "kernel"):
+        raise ValueError(f"channel_gram: method must be 'auto', 'blas' or 'kernel', got "
+                         f"{method!r}")
+    geo = dict(stride=_pair(stride, "stride"), padding=_pair(padding, "padding"),
+               dilation=_pair(dilation, "dilation"))
+    if method == "kernel" or (method == "auto" and torch.compiler.is_compiling()):
+        return torch.ops.aofp.channel_gram(x, weight, **geo, scale=scale)
+    # every argument checked by the op itself, on an empty batch (nothing computed)
+    empty = torch.ops.aofp.channel_gram(x[:0], weight, **geo, scale=scale)
+    C, O, T, P = _moments._geometry(x, weight, geo["stride"], geo["padding"], geo["dilation"])
+    if min(C, O, P) == 0:
+        return empty
+    g = _moments.output_summed_gram(x.float(), weight.float(), geo["stride"], geo["padding"],
+                                    geo["dilation"], None if scale is None else scale.float())
+    return g.float()
 
 
 def quadratic_damage(gram: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aofp_ext import ops
+from aofp_ext import _moments, ops
 
 from _cases import assert_damage_close, rand_case
 
@@ -168,6 +168,148 @@ def test_nan_propagates():
         masks[:, 2] = False  # every mask touches the NaN channel
         out = ops.masked_damage(x, w, masks, padding=1, norm=norm, post=post, **kw)
         assert bool(torch.isnan(out).all()), (norm, post, out)
+
+
+# ------------------------------------------------------------------------------------------
+# masked_damage, the moments path (post="none": the closed form from BLAS moments)
+# ------------------------------------------------------------------------------------------
+
+LINEAR_MODES = ["none", "affine", "batch"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(1, 3), C=st.integers(1, 13), O=st.integers(1, 11), H=st.integers(5, 10),
+    W=st.integers(5, 10), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
+    padding=st.integers(0, 2), dilation=st.integers(1, 2), K=st.integers(1, 20),
+    norm=st.sampled_from(LINEAR_MODES), bias=st.booleans(), seed=st.integers(0, 2**31 - 1),
+)
+def test_moments_sweep(N, C, O, H, W, k, stride, padding, dilation, K, norm, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if (H + 2 * padding - dilation * (k - 1) - 1) < 0 or (W + 2 * padding - dilation * (k - 1) - 1) < 0:
+        return
+    x, w, masks, kw = rand_case(gen, N=N, C=C, O=O, H=H, W=W, k=k, K=K, bias=bias, norm=norm)
+    args = dict(stride=stride, padding=padding, dilation=dilation, norm=norm, **kw)
+    got = ops.masked_damage(x, w, masks, method="moments", **args)
+    assert_damage_close(got, ops.masked_damage_reference(x, w, masks, **args))
+
+
+@pytest.mark.parametrize("norm", LINEAR_MODES)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(N=4, C=16, O=16, H=8, k=3),     # ResNet-like
+        dict(N=2, C=33, O=17, H=6, k=3),     # odd widths
+        dict(N=1, C=5, O=3, H=7, k=5),       # N = 1
+        dict(N=3, C=70, O=9, H=4, k=1),      # many channels, 1x1 (the im2col Gram route)
+        dict(N=2, C=6, O=300, H=5, k=1),     # wide follower
+    ],
+)
+def test_moments_shapes_and_both_routes(shape, norm, monkeypatch):
+    gen = torch.Generator().manual_seed(hash((tuple(shape.items()), norm)) % 2**31)
+    for K in (1, 7, 300):
+        x, w, masks, kw = rand_case(gen, K=K, norm=norm, **shape)
+        args = dict(padding=shape["k"] // 2, norm=norm, **kw)
+        ref = ops.masked_damage_reference(x, w, masks, **args)
+        for route in ("sigma", "z"):   # both ways to the moments, whatever the cost model says
+            monkeypatch.setattr(_moments, "_build_cost", lambda *a, route=route, **k: (0.0, route))
+            assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args), ref)
+
+
+@pytest.mark.parametrize("norm", LINEAR_MODES)
+def test_moments_linear_follower_and_blocks(norm, monkeypatch):
+    gen = torch.Generator().manual_seed(31)
+    monkeypatch.setattr(_moments, "_BLOCK", 200)   # many sample, output and mask blocks
+    for N, C, O in [(64, 50, 10), (5, 130, 7), (2, 3, 2)]:
+        x, w, masks, kw = rand_case(gen, N=N, C=C, O=O, K=33, norm=norm, linear=True)
+        args = dict(norm=norm, **kw)
+        assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args),
+                            ops.masked_damage_reference(x, w, masks, **args))
+        x, w, masks, kw = rand_case(gen, N=3, C=C % 20 + 1, O=O, H=6, K=33, norm=norm)
+        args = dict(padding=1, norm=norm, **kw)
+        assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args),
+                            ops.masked_damage_reference(x, w, masks, **args))
+
+
+@pytest.mark.parametrize("norm", LINEAR_MODES)
+def test_moments_all_keep_zero_all_drop_nan_noncontiguous(norm):
+    gen = torch.Generator().manual_seed(37)
+    x, w, masks, kw = rand_case(gen, N=3, C=12, O=7, H=6, K=9, norm=norm)
+    masks[2] = False
+    masks[2, 5] = True                   # a single channel kept
+    args = dict(padding=1, norm=norm, **kw)
+    got = ops.masked_damage(x, w, masks, method="moments", **args)
+    assert got[0].item() == 0.0 and got[1].item() > 0.0   # rows 0 / 1: keep all / drop all
+    ref = ops.masked_damage_reference(x, w, masks, **args)
+    assert_damage_close(got, ref)
+    nc = x.contiguous(memory_format=torch.channels_last)
+    wt = w.transpose(0, 1).contiguous().transpose(0, 1)
+    assert_damage_close(ops.masked_damage(nc, wt, masks.t().contiguous().t(), method="moments",
+                                          **args), ref)
+    assert torch.equal(ops.masked_damage(x, w, masks.to(torch.uint8), method="moments", **args),
+                       got)
+    with pytest.raises(RuntimeError, match="only 0 and 1"):
+        ops.masked_damage(x, w, masks.to(torch.uint8) * 2, method="moments", **args)
+    for dt in (torch.float16, torch.float64):
+        assert_damage_close(ops.masked_damage(x.to(dt), w.to(dt), masks, method="moments", **args),
+                            ops.masked_damage_reference(x.to(dt), w.to(dt), masks, **args))
+    x[0, 2, 1, 1] = float("nan")
+    masks[:, 2] = False
+    out = ops.masked_damage(x, w, masks, method="moments", **args)
+    assert bool(torch.isnan(out).all()), out
+
+
+def test_moments_badly_scaled_and_empty():
+    gen = torch.Generator().manual_seed(13)
+    x, w, masks, kw = rand_case(gen, N=4, C=9, O=5, H=8, K=25, norm="batch")
+    x = x * 50.0 + 1000.0
+    kw["bias"] = torch.full((5,), 3.0e3)
+    for norm in LINEAR_MODES:
+        extra = kw if norm != "none" else {"bias": kw["bias"]}
+        args = dict(padding=1, norm=norm, **extra)
+        assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args),
+                            ops.masked_damage_reference(x, w, masks, **args), rtol=2e-3)
+    w3 = torch.randn(3, 4, 3, 3)
+    out = ops.masked_damage(torch.randn(0, 4, 5, 5), w3, torch.ones(6, 4, dtype=torch.bool),
+                            padding=1, method="moments")
+    assert out.shape == (6,) and bool((out == 0).all())
+    out = ops.masked_damage(torch.randn(2, 4, 5, 5), w3, torch.ones(0, 4, dtype=torch.bool),
+                            padding=1, method="moments")
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+def test_method_argument_and_cost_model():
+    x, w, m = _ok()
+    with pytest.raises(ValueError, match="method='moments' prices post='none'"):
+        ops.masked_damage(x, w, m, post="relu", method="moments")
+    with pytest.raises(ValueError, match="method must be"):
+        ops.masked_damage(x, w, m, method="gemm")
+    with pytest.raises(RuntimeError, match=r"masks must be \(K, C\) with C = 4"):
+        ops.masked_damage(x, w, m[:, :3], method="moments")
+    # a ResNet-56 stage-3 follower (C = O = 64, 8x8, batch 64): moments at large K, and never
+    # for a ReLU follower
+    C, O, T, P = 64, 64, 9, 64 * 64
+    assert _moments.moments_cost(C, O, T, P, 1024, True) < _moments.fused_cost(C, O, T, P, 1024)
+    assert _moments.moments_cost(C, O, T, P, 64, False) < _moments.fused_cost(C, O, T, P, 64)
+    assert not _moments.eligible("batch", "relu")
+
+
+def test_channel_gram_blas_matches_kernel():
+    gen = torch.Generator().manual_seed(47)
+    for shape, geo in [(dict(N=3, C=7, O=5, H=9, k=3), dict(stride=2, padding=1)),
+                       (dict(N=2, C=40, O=300, H=4, k=3), dict(padding=1)),
+                       (dict(N=30, C=25, O=12, linear=True), {})]:
+        x, w, _, kw = rand_case(gen, K=1, norm="affine", **shape)
+        for scale in (None, kw["scale"]):
+            Gk = ops.channel_gram(x, w, scale=scale, method="kernel", **geo)
+            Gb = ops.channel_gram(x, w, scale=scale, method="blas", **geo)
+            Gr = ops.channel_gram_reference(x, w, scale=scale, **geo)
+            for G in (Gk, Gb):
+                torch.testing.assert_close(G.double(), Gr, rtol=1e-5,
+                                           atol=1e-5 * float(Gr.abs().max()))
+            assert torch.equal(Gb, Gb.T)
+    with pytest.raises(ValueError, match="method must be"):
+        ops.channel_gram(x, w, method="syrk")
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,0 +1,328 @@
+"""The K-independent exact pricing paths of :func:`aofp_ext.ops.masked_damage`, in torch ops.
+
+At a follower that is linear up to its BatchNorm (``post="none"``) the damage of *any* mask
+follows exactly from second moments of the channel contributions ``z_c = conv(x[:, c], W[:, c])``
+(docs/kernels.md, "The moments path"):
+
+- ``norm`` none/affine: ``damage_k = r_k^T G r_k`` with ``G = sum_o scale_o^2 Z_o Z_o^T``
+  (uncentred, summed over the output channels ``o``);
+- ``norm="batch"``: per output channel the centred Gram ``Gc_o = Zc_o Zc_o^T`` (``Zc`` = the
+  contributions minus their means over the positions); mean, variance and covariance of every
+  masked output are linear or quadratic in the mask, so the damage is a closed form in
+  ``r^T Gc_o r``, ``r . (Gc_o 1)`` and ``1^T Gc_o 1``.
+
+The moments are built once per call (the cost of a few follower forwards), then each mask costs
+``O(O x C^2)`` (batch) or ``O(C^2)`` (none/affine) in one GEMM. Every plain product is a torch
+matmul (BLAS on the CPU, cuBLAS on a GPU), so this module needs no kernel of its own and works
+on any device torch does. Products run in float32 over blocks of at most ``_BLOCK`` floats and
+are accumulated in float64; data are shifted by a first-block mean before any second moment is
+formed (no cancellation for inputs with a large common offset).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+_BLOCK = 1 << 22          # floats per temporary block (16 MiB in float32)
+_KERNEL_SLOWDOWN = 2.0    # the fused kernel's multiply-add rate vs BLAS GEMM (cost model)
+_CALL_OVERHEAD = 3.0e7    # fixed cost of the torch path (about 40 torch ops: ~1.5 ms)
+
+
+def _geometry(x, weight, stride, padding, dilation):
+    """(C, O, T, P): channels, outputs, kernel taps, output positions (a Linear follower is a
+    1x1 conv over its N samples)."""
+    O, C = weight.shape[:2]
+    if x.dim() == 2:
+        return C, O, 1, x.shape[0]
+    kh, kw = weight.shape[2:]
+    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return C, O, kh * kw, x.shape[0] * ho * wo
+
+
+def _bits(K: int, C: int) -> int:
+    """The fused kernel's subset-table width (csrc/kernels/masked_damage_cpu.cpp, choose_bits)."""
+    best, best_cost = 1, math.inf
+    for b in range(1, 9):
+        if b > 1 and (1 << (b - 1)) >= 2 * C:
+            break
+        groups = -(-C // b)
+        if b > 1 and groups * (1 << b) * 16 > (1 << 18):
+            break
+        cost = groups * (1 << b) + K * groups
+        if cost < best_cost:
+            best, best_cost = b, cost
+    return best
+
+
+def fused_cost(C: int, O: int, T: int, P: int, K: int) -> float:
+    """Multiply-adds of the fused tile pass (contributions + subset tables + mask rows), scaled to
+    BLAS-equivalent units."""
+    b = _bits(K, C)
+    return _KERNEL_SLOWDOWN * O * P * C * (T + (1 << b) / b + K / b)
+
+
+# Cost model (multiply-adds in units of a float32 BLAS GEMM multiply-add). Calibrated on the
+# 2-core CPU at K = 64 and 1024 (bench/results/kernels-cpu.md): float64 work, the einsum that
+# contracts the im2col Gram with the weights and the mask forms run at about a quarter of the
+# GEMM rate; the fused tile kernel at about half.
+_F64 = 4.0
+
+
+def _build_cost(C: int, O: int, T: int, P: int, per_output: bool) -> tuple[float, str]:
+    """The cheaper way to the moments: ``sigma`` (the im2col Gram, one GEMM, contracted with
+    the weights) or ``z`` (the contributions by a batched matmul, then their Grams)."""
+    ct = C * T
+    sigma = ct * ct * P * (T + 1) / (2 * T) + (_F64 * O * C * C * T * T if per_output else ct * ct * O)
+    z = 4 * O * C * P * T + (O * C * C * P if per_output else C * C * O * P)
+    return (sigma, "sigma") if sigma <= z else (z, "z")
+
+
+def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool) -> float:
+    build, _ = _build_cost(C, O, T, P, per_output=batch)
+    forms = _F64 * K * O * C * C if batch else _F64 * K * C * C
+    return _CALL_OVERHEAD + build + forms
+
+
+def eligible(norm: str, post: str) -> bool:
+    return post == "none" and norm in ("none", "affine", "batch")
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks of the im2col matrix and of the contributions
+# --------------------------------------------------------------------------------------------
+
+
+def _samples_per_block(N: int, floats_per_sample: int) -> int:
+    return max(1, min(N, _BLOCK // max(1, floats_per_sample)))
+
+
+def _cols(x, weight, stride, padding, dilation, step=None, centre=False, tap_major=False
+          ) -> Iterator[torch.Tensor]:
+    """``(C*T, n*L)`` float32 blocks of the im2col matrix (rows ordered channel-major), ``step``
+    samples at a time. ``centre``: every entry minus the mean of its input channel over the
+    first block (padding included: a constant shift per row, which second moments about the
+    mean do not see, but which removes a large common offset before any product)."""
+    if x.dim() == 2:
+        step = step or _samples_per_block(x.shape[0], x.shape[1])
+        shift = x[:step].mean(dim=0) if centre else None
+        for n0 in range(0, x.shape[0], step):
+            xb = x[n0:n0 + step]
+            yield (xb - shift).t().contiguous() if centre else xb.t().contiguous()
+        return
+    C, _, T, P = _geometry(x, weight, stride, padding, dilation)
+    L = P // x.shape[0]
+    step = step or _samples_per_block(x.shape[0], C * T * L)
+    shift = x[:step].mean(dim=(0, 2, 3)) if centre else None
+    for n0 in range(0, x.shape[0], step):
+        yield _im2col(x[n0:n0 + step], tuple(weight.shape[2:]), stride, padding, dilation, shift,
+                      tap_major)
+
+
+def _im2col(x, ks, stride, padding, dilation, shift=None, tap_major=False) -> torch.Tensor:
+    """``(C*kh*kw, n*Ho*Wo)`` (rows ``c*T + t``, or ``t*C + c`` when ``tap_major``): one strided view of the padded input (minus ``shift[c]``, padding
+    included), copied once (``F.unfold`` is a scalar loop on the CPU, several times slower)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = ks, stride, padding, dilation
+    if shift is not None:
+        s = shift.view(1, -1, 1, 1)
+        xp = (-s).expand(x.shape[0], -1, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw).contiguous()
+        xp[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]] = x - s
+    else:
+        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    n, C, H, W = xp.shape
+    ho, wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    a, b, c, d = xp.stride()
+    v = xp.as_strided((C, kh, kw, n, ho, wo), (b, dh * c, dw * d, a, sh * c, sw * d),
+                      xp.storage_offset())
+    if tap_major:
+        v = v.permute(1, 2, 0, 3, 4, 5)
+    return v.reshape(C * kh * kw, n * ho * wo)
+
+
+def _im2col_gram(x, weight, stride, padding, dilation, centre: bool) -> torch.Tensor:
+    """``(C*T, C*T)`` float64 Gram of the im2col rows (channel-major), centred or not.
+
+    The rows are built tap-major and only the blocks ``(t, u >= t)`` are multiplied (one GEMM
+    per tap ``t``: ``X_t [X_t; ...; X_{T-1}]^T``), about ``(T + 1) / 2T`` of the full product;
+    the rest is the transpose."""
+    C, _, T, P = _geometry(x, weight, stride, padding, dilation)
+    g = torch.zeros(T, C, T, C, dtype=torch.float64, device=x.device)
+    sums = torch.zeros(T * C, dtype=torch.float64, device=x.device)
+    for cols in _cols(x, weight, stride, padding, dilation, centre=centre, tap_major=True):
+        for t in range(T):
+            blk = torch.matmul(cols[t * C:(t + 1) * C], cols[t * C:].t())  # (C, (T-t) C)
+            g[t, :, t:] += blk.view(C, T - t, C).double()
+        sums += cols.sum(dim=1).double()
+    for t in range(T):                       # the lower blocks from the upper ones
+        for u in range(t):
+            g[t, :, u] = g[u, :, t].t()
+    if centre:
+        mean = sums / P
+        g -= P * (mean[:, None] * mean[None, :]).view(T, C, T, C)
+    return _sym(g.permute(1, 0, 3, 2).reshape(C * T, C * T))
+
+
+def _contributions(x, weight, stride, padding, dilation, o0, o1) -> Iterator[torch.Tensor]:
+    """``(Oc, C, n*L)`` float32 blocks of ``z_c`` for the output channels ``o0:o1``, by one
+    batched matmul over the channels: ``z[c, o] = W[o, c, :] @ cols[c, :, :]``."""
+    O, C = weight.shape[:2]
+    oc = o1 - o0
+    C, _, T, P = _geometry(x, weight, stride, padding, dilation)
+    w = weight[o0:o1].reshape(oc, C, T).transpose(0, 1)           # (C, Oc, T)
+    L = P // max(1, x.shape[0])
+    step = _samples_per_block(x.shape[0], C * max(oc, T) * L)
+    for cols in _cols(x, weight, stride, padding, dilation, step):
+        z = torch.bmm(w, cols.view(C, T, -1))                      # (C, Oc, n*L)
+        yield z.transpose(0, 1).contiguous()
+
+
+class _Moments:
+    """Running sums of a block stream, shifted by the first block's mean (one pass, no
+    cancellation): ``gram = sum (v - shift)(v - shift)^T``, ``sums = sum (v - shift)``, ``n``."""
+
+    def __init__(self):
+        self.gram = self.sums = self.shift = None
+        self.n = 0
+
+    def add(self, v: torch.Tensor, centred: bool) -> None:   # v: (..., R, n) float32
+        """``centred``: shift the rows by the first block's row means (False: the caller has
+        shifted them, or the raw sums are wanted)."""
+        if centred:
+            if self.shift is None:
+                self.shift = v.mean(dim=-1, keepdim=True)
+            v = v - self.shift
+        g = torch.matmul(v, v.transpose(-1, -2)).double()
+        s = v.sum(dim=-1).double()
+        self.gram = g if self.gram is None else self.gram.add_(g)
+        self.sums = s if self.sums is None else self.sums.add_(s)
+        self.n += v.shape[-1]
+
+    def centred_gram(self) -> torch.Tensor:
+        mean = self.sums / self.n
+        return self.gram - self.n * mean[..., :, None] * mean[..., None, :]
+
+
+def _sym(g: torch.Tensor) -> torch.Tensor:
+    return (g + g.transpose(-1, -2)) / 2
+
+
+def per_output_grams(x, weight, stride, padding, dilation) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(o0, o1, Gc)`` per block of output channels: ``Gc`` ``(o1 - o0, C, C)`` float64, the
+    centred Gram of the contributions for each output channel."""
+    C, O, T, P = _geometry(x, weight, stride, padding, dilation)
+    _, route = _build_cost(C, O, T, P, per_output=True)
+    ob = max(1, min(O, _BLOCK // max(1, C * C * T)))
+    if route == "sigma":
+        # float32 from here: the centred Gram has no large common part left to cancel
+        sig = _im2col_gram(x, weight, stride, padding, dilation, centre=True).float()
+        sig = sig.view(C, T, C, T)
+        for o0 in range(0, O, ob):
+            o1 = min(O, o0 + ob)
+            w = weight[o0:o1].reshape(o1 - o0, C, T).float()
+            # Gc_o[c, d] = sum_{t, u} W[o, c, t] Sigma[(c, t), (d, u)] W[o, d, u]: a batched
+            # matmul over d (contracting u), then a weighted sum over t
+            h = torch.bmm(sig.permute(2, 0, 1, 3).reshape(C, C * T, T), w.permute(1, 2, 0))
+            h = h.view(C, C, T, o1 - o0).permute(3, 1, 2, 0)           # (Oc, C, T, C_d)
+            yield o0, o1, (w[..., None] * h).sum(dim=2).double()
+        return
+    for o0 in range(0, O, ob):
+        o1 = min(O, o0 + ob)
+        m = _Moments()
+        for z in _contributions(x, weight, stride, padding, dilation, o0, o1):
+            m.add(z, centred=True)                                  # (Oc, C, n)
+        yield o0, o1, _sym(m.centred_gram())
+
+
+def output_summed_gram(x, weight, stride, padding, dilation, scale=None) -> torch.Tensor:
+    """``(C, C)`` float64: ``G = sum_o scale_o^2 Z_o Z_o^T`` (uncentred), the damage quadratic
+    form at a linear follower output."""
+    C, O, T, P = _geometry(x, weight, stride, padding, dilation)
+    _, route = _build_cost(C, O, T, P, per_output=False)
+    w = weight.reshape(O, C * T).float()
+    if scale is not None:
+        w = w * scale.float()[:, None]
+    if route == "sigma":
+        g = _im2col_gram(x, weight, stride, padding, dilation, centre=False) * (w.t() @ w).double()
+        return _sym(g.view(C, T, C, T).sum(dim=(1, 3)))
+    g = torch.zeros(C, C, dtype=torch.float64, device=x.device)
+    ob = max(1, min(O, _BLOCK // max(1, C * P)))
+    sc = None if scale is None else scale.float()
+    for o0 in range(0, O, ob):
+        o1 = min(O, o0 + ob)
+        for z in _contributions(x, weight, stride, padding, dilation, o0, o1):
+            if sc is not None:
+                z = z * sc[o0:o1, None, None]
+            g += torch.matmul(z, z.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+    return _sym(g)
+
+
+# --------------------------------------------------------------------------------------------
+# The damage of K masks from the moments
+# --------------------------------------------------------------------------------------------
+
+
+def _mask_block(K: int, O: int, C: int) -> int:
+    return max(1, min(K, _BLOCK // max(1, O + C * C)))
+
+
+def batch_damage(x, weight, masks, stride, padding, dilation, scale, eps) -> torch.Tensor:
+    """``(K,)`` float64 damage of ``BN_batch(y_k) - BN_batch(y)`` (post none), summed over o.
+
+    With ``e_k`` the centred removed part and ``v_k = u - e_k`` the centred kept part of the
+    output (``u`` = centred unmasked output), ``B = |e|^2 = r^T Gc r``, ``X + B = <u, e> = r .
+    (Gc 1)``, ``A = |v|^2 = S - 2 (X + B) + B`` with ``S = 1^T Gc 1 = P var_y``; the masked output
+    has variance ``A / P``, so with ``a = g / sqrt(var_y + eps)``, ``a_k = g / sqrt(A/P + eps)``
+    the damage ``|a_k v - a u|^2 = (a_k - a)^2 A - 2 a (a_k - a) X + a^2 B``. Each form is taken
+    over the smaller of the removed and kept sets (the other follows from S), so neither
+    subtraction cancels much; ``a_k - a`` is formed from ``var_y - var_k`` directly.
+    """
+    C, O, T, P = _geometry(x, weight, stride, padding, dilation)
+    K = masks.shape[0]
+    keep = masks.to(device=x.device, dtype=torch.bool)
+    removed = ~keep
+    n_removed = removed.sum(dim=1)
+    small_is_removed = n_removed * 2 <= C               # take the form over the smaller set
+    sel = torch.where(small_is_removed[:, None], removed, keep).double()   # (K, C)
+    all_drop = n_removed == C
+    gamma = scale.double().to(x.device)
+    out = torch.zeros(K, dtype=torch.float64, device=x.device)
+    for o0, o1, g in per_output_grams(x, weight, stride, padding, dilation):  # (Oc, C, C)
+        g1 = g.sum(dim=2)                                    # (Oc, C) = Gc 1
+        g32 = g.reshape(o1 - o0, C * C).float()              # (Oc, C^2)
+        S = g1.sum(dim=1)                                    # (Oc,)   = P var_y
+        var_y = S / P
+        a = gamma[o0:o1] / torch.sqrt(var_y + eps)
+        for k0 in range(0, K, _mask_block(K, o1 - o0, C)):
+            k1 = min(K, k0 + _mask_block(K, o1 - o0, C))
+            s = sel[k0:k1]                                    # (k, C)
+            # s^T Gc_o s for every (k, o) as one float32 GEMM: (s (x) s) . vec(Gc_o) (the 0/1
+            # products are exact; float32 BLAS sums C^2 terms, ~1e-6 relative)
+            s32 = s.float()
+            form = ((s32[:, :, None] * s32[:, None, :]).view(k1 - k0, -1) @ g32.t()).double()
+            lin = s @ g1.t()                                  # (k, Oc) = s . Gc 1
+            small = small_is_removed[k0:k1, None]
+            B = torch.where(small, form, S - 2 * lin + form)  # |e|^2
+            A = torch.where(small, S - 2 * lin + form, form)  # |v|^2
+            XB = torch.where(small, lin, S - lin)             # <u, e> = X + B
+            A = torch.where(all_drop[k0:k1, None], torch.zeros_like(A), A.clamp_min(0.0))
+            var_k = A / P
+            sk, s0 = torch.sqrt(var_k + eps), torch.sqrt(var_y + eps)
+            diff = (2 * XB - B) / P                           # var_y - var_k
+            da = gamma[o0:o1] * diff / (sk * s0 * (sk + s0))  # a_k - a
+            X = XB - B
+            d = da * da * A - 2 * a * da * X + a * a * B
+            # v = 0 (every channel removed): BN outputs its shift, the damage is a^2 |u|^2
+            d = torch.where(A == 0, a * a * B, d)
+            out[k0:k1] += d.sum(dim=1)
+    return out
+
+
+def linear_damage(x, weight, masks, stride, padding, dilation, scale) -> torch.Tensor:
+    """``(K,)`` float64: ``r^T G r`` (norm none/affine, post none)."""
+    g = output_summed_gram(x, weight, stride, padding, dilation, scale)
+    r = (~masks.to(device=x.device, dtype=torch.bool)).double()
+    return ((r @ g) * r).sum(dim=1)
