@@ -4,6 +4,7 @@ in hand-written nets, the reasons given for what cannot be pruned, and hand coun
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from _nets import CatNet, FlattenNet, ProjectionNet, calibrate, conv_bn, random_plan
 
 import aofp_ext
-from aofp_ext.graph import ChannelGraphError, ChannelSlot
+from aofp_ext.graph import ChannelGraphError, ChannelSlot, OpaqueModuleWarning
 from aofp_ext.models import lenet5_bn, mobilenet_v2_cifar, resnet20, resnet56, vgg16_cifar
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -172,7 +173,7 @@ def test_squeeze_excitation_gate_is_coupled() -> None:
 class Odd(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.c, self.d = conv_bn(3, 8), conv_bn(8, 8), conv_bn(8, 8), conv_bn(8, 6)
+        self.a, self.b, self.c, self.d = conv_bn(3, 8), conv_bn(6, 8), conv_bn(8, 8), conv_bn(8, 6)
         self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=2)
         self.dw2 = nn.Conv2d(6, 12, 3, padding=1, groups=6)  # channel multiplier 2
         self.gn = nn.GroupNorm(2, 12)
@@ -180,7 +181,7 @@ class Odd(nn.Module):
 
     def forward(self, x):
         y = F.relu(self.a(x))
-        y = F.relu(self.b(y[:, :8]))          # a channel slice (even if it covers everything)
+        y = F.relu(self.b(y[:, :6]))          # a channel slice at bounds fixed in code
         y = F.relu(self.c(torch.softmax(y, 1)))
         y = self.grouped(F.relu(self.d(y)))
         y = self.gn(self.dw2(y))
@@ -190,14 +191,16 @@ class Odd(nn.Module):
 def test_reasons_name_the_op() -> None:
     groups = by_name(Odd(), torch.randn(2, 3, 8, 8))
     reason = {n: g.reason for n, g in groups.items()}
-    assert "'getitem'" in reason["a.0"] and "indexes the channel dim" in reason["a.0"]
+    assert "'getitem'" in reason["a.0"] and "slices the channel dim at bounds fixed" in reason["a.0"]
     assert "'softmax'" in reason["b.0"]
-    assert "module 'grouped' (Conv2d) is a grouped conv (groups=2)" in reason["d.0"]
-    assert "module 'dw2' (Conv2d)" in reason["@grouped"]  # no producing module of its own
-    assert "module 'gn' (GroupNorm)" in reason["@dw2"]
+    # the grouped conv's input keeps equal counts per conv group; the channel multiplier conv
+    # (one input channel per group) can only keep everything
+    assert groups["d.0"].prunable and groups["d.0"].granularity == 2
+    assert "module 'dw2' (Conv2d) has one channel per group (6 groups)" in reason["grouped"]
+    assert "module 'gn' (GroupNorm) is a group norm (num_groups=2)" in reason["dw2"]
     assert "'.transpose()'" in reason["e.0"]
-    assert [n for n, g in groups.items() if g.prunable] == ["c.0"]  # softmax feeds it, its
-    prune_matches_preview(Odd(), torch.randn(4, 3, 8, 8))           # output is plain
+    assert [n for n, g in groups.items() if g.prunable] == ["c.0", "d.0"]  # softmax feeds c.0,
+    prune_matches_preview(Odd(), torch.randn(4, 3, 8, 8))                  # its output is plain
 
 
 def test_tied_weights_are_not_cut() -> None:
@@ -225,16 +228,40 @@ class Untraceable(nn.Module):
         return self.c(F.relu(self.b(self.gate(F.relu(self.a(x))))))
 
 
-def test_untraceable_model_names_the_op_and_suggests_leaf_modules() -> None:
+def test_untraceable_submodule_becomes_an_opaque_leaf() -> None:
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(ChannelGraphError) as info:
-        aofp_ext.channel_groups(Untraceable(), x)
-    msg = str(info.value)
-    assert "module 'gate' (Gate)" in msg and "if x.sum() > 0:" in msg
-    assert "leaf_modules=(Gate,)" in msg
-    groups = by_name(Untraceable(), x, leaf_modules=(Gate,))
-    assert "module 'gate' (Gate)" in groups["a.0"].reason
-    assert groups["b.0"].prunable
+    with pytest.warns(OpaqueModuleWarning, match=r"'gate': torch.fx cannot trace it at .*"
+                                                  r"if x.sum\(\) > 0:"):
+        groups = by_name(Untraceable(), x)
+    assert "module 'gate' (Gate) is made an opaque leaf: torch.fx cannot" in groups["a.0"].reason
+    assert groups["b.0"].prunable and not groups["a.0"].prunable
+    with pytest.warns(OpaqueModuleWarning):
+        prune_matches_preview(Untraceable(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit leaf is no surprise: no warning
+        groups = by_name(Untraceable(), x, leaf_modules=(Gate,))
+    assert "module 'gate' (Gate) is a module type that aofp_ext does not follow" in (
+        groups["a.0"].reason)
+
+
+class UntraceableRoot(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y if y.sum() > 0 else -y  # in the model's own forward: nothing to make a leaf
+
+
+def test_untraceable_forward_and_bad_inputs_raise_channel_graph_error() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ChannelGraphError, match=r"fails in the forward of UntraceableRoot at "
+                                                r".*return y if y.sum\(\) > 0 else -y"):
+        aofp_ext.channel_groups(UntraceableRoot(), x)
+    with pytest.raises(ChannelGraphError, match=r"running Sequential on the example inputs "
+                                                r"\(shapes \[\(2, 5, 8, 8\)\]\) failed"):
+        aofp_ext.channel_groups(conv_bn(3, 4), torch.randn(2, 5, 8, 8))
 
 
 # ---- masked_forward ------------------------------------------------------------------------------
