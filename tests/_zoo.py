@@ -4,7 +4,6 @@ a random cut of every prunable group (cut in place, compared with ``masked_forwa
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -50,11 +49,12 @@ def torchvision_classification() -> list[str]:
 
 
 def input_size(source: str, name: str) -> int:
-    """The smallest input a model accepts comfortably (64, or more where it downsamples a lot
-    or needs it)."""
-    if source == "torchvision" and name.startswith("inception"):
-        return 80
-    if name in ("inception_v3",) or name.startswith(("xception",)):
+    """A small input the model accepts (64, or what its architecture needs)."""
+    if name == "vit_h_14":
+        return 56  # built for 56 x 56 (a multiple of its patch size)
+    if name == "maxvit_t":
+        return 224  # its partitions need the full size
+    if name.startswith(("inception", "xception")):
         return 96
     return 64
 
@@ -75,8 +75,11 @@ def build(source: str, name: str) -> nn.Module:
     else:
         import torchvision
 
-        kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet",
-                                                                       "inception_v3") else {}
+        kw: dict = {}
+        if name in ("googlenet", "inception_v3"):
+            kw = {"aux_logits": False, "init_weights": False}
+        elif name.startswith("vit_"):
+            kw = {"image_size": input_size(source, name)}
         model = torchvision.models.get_model(name, weights=None, **kw)
     return model.eval()
 
@@ -145,18 +148,70 @@ class CutCheck:
     rel_err: float
     macs_before: int
     macs_after: int
+    plan: dict
 
 
 def cut_matches_preview(model: nn.Module, x: torch.Tensor, groups, seed: int = 0,
                         forward: Callable = output_tensor) -> CutCheck:
-    """Cut random keep-sets of every prunable group of a copy of ``model``; its output must
-    equal ``masked_forward`` of the original. Returns the relative error and the MACs."""
+    """Cut random keep-sets of every prunable group of ``model`` in place (no copy: the big
+    models stay affordable); its output must equal ``masked_forward`` before the cut. Returns
+    the relative error (max abs difference / max abs output) and the MACs before and after."""
     plan = random_plan(groups, torch.Generator().manual_seed(seed))
-    cut = copy.deepcopy(model)
+    macs_before = aofp_ext.count_flops(model, x)[0]
     with torch.no_grad():
         expected = forward(aofp_ext.masked_forward(model, plan, x))
-        aofp_ext.prune_channels_(cut, plan, example_inputs=x)
-        got = forward(cut(x))
+        aofp_ext.prune_channels_(model, plan, example_inputs=x)
+        got = forward(model(x))
     err = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
-    return CutCheck(len(groups), sum(g.prunable for g in groups), err,
-                    aofp_ext.count_flops(model, x)[0], aofp_ext.count_flops(cut, x)[0])
+    return CutCheck(len(groups), sum(g.prunable for g in groups), err, macs_before,
+                    aofp_ext.count_flops(model, x)[0], plan)
+
+
+def cut_to_minimum_(model: nn.Module, x: torch.Tensor, targets: str = "all") -> int:
+    """Cut, in place, every group that ``prune(targets=...)`` would search (``"all"``) or every
+    prunable group (``"prunable"``) to its minimum (one channel per part and per producing
+    module); the MACs after. On an already cut model this reaches the same minimum."""
+    from aofp_ext.pricing import select_targets
+
+    groups, _ = groups_quietly(model, x)
+    if targets == "prunable":
+        chosen = [g for g in groups if g.prunable]
+    else:
+        try:
+            chosen = select_targets(groups, targets, model)
+        except ValueError:
+            chosen = []
+    if chosen:
+        aofp_ext.prune_channels_(model, minimal_plan(chosen), example_inputs=x)
+    return aofp_ext.count_flops(model, x)[0]
+
+
+def count_targets(model: nn.Module, groups, targets: str) -> int:
+    from aofp_ext.pricing import select_targets
+
+    try:
+        return len(select_targets(groups, targets, model))
+    except ValueError:
+        return 0
+
+
+def prune_a_few_steps(model: nn.Module, x: torch.Tensor, classes: int, **kw):
+    """``aofp_ext.prune`` with the smallest settings: 4 random batches, 3 search steps, no
+    finetune (``targets="all"`` when the model has no "auto" target)."""
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(3)
+    loader = [(torch.randn(x.shape, generator=g), torch.randint(0, classes, (n,), generator=g))
+              for _ in range(4)]
+    settings = dict(example_inputs=x, target_flops=0.9, masks_per_step=4, iters_per_half=1,
+                    warmup_iters=1, max_steps=3, progress=False, calibration_batches=1,
+                    loss_fn=lambda out, y: torch.nn.functional.cross_entropy(output_tensor(out),
+                                                                             y))
+    settings.update(kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "stopped at max_steps", opaque modules
+        try:
+            return aofp_ext.prune(model, loader, **settings)
+        except ValueError as exc:
+            if "no prunable channel group to search" not in str(exc):
+                raise
+            return aofp_ext.prune(model, loader, **{**settings, "targets": "all"})
