@@ -100,6 +100,12 @@ def run_one(source: str, name: str) -> Row:
     return row
 
 
+#: The biggest torchvision models run last (a run cut short still covers the others).
+HEAVY = ("_b5", "_b6", "_b7", "_v2_m", "_v2_l", "16gf", "32gf", "128gf", "vit_l", "vit_h",
+         "densenet161", "densenet169", "densenet201", "convnext_base", "convnext_large",
+         "resnet152", "101", "swin_b", "swin_v2_b", "maxvit")
+
+
 def _cases(only: list[str] | None) -> list[tuple[str, str]]:
     cases = []
     if available("torchvision"):
@@ -107,7 +113,8 @@ def _cases(only: list[str] | None) -> list[tuple[str, str]]:
         cases += [("segmentation", n) for n in SEGMENTATION]
     if available("timm"):
         cases += [("timm", n) for n in TIMM_MODELS]
-    return [c for c in cases if not only or c[1] in only]
+    cases = [c for c in cases if not only or c[1] in only]
+    return sorted(cases, key=lambda c: any(h in c[1] for h in HEAVY))  # stable
 
 
 def _summary(rows: list[Row], source: str, goal: float) -> str:
@@ -139,7 +146,8 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, {versions}, Python {platform.python_version()}")
 
 
-def render(rows: list[Row], command: str, seconds: float, loads: tuple[float, float]) -> str:
+def render(rows: list[Row], command: str, seconds: float, loads: tuple[float, float],
+           pending: list[tuple[str, str]] = ()) -> str:
     lines = [
         "# Model zoo: which models aofp_ext can prune, and how far",
         "",
@@ -147,6 +155,8 @@ def render(rows: list[Row], command: str, seconds: float, loads: tuple[float, fl
         f"average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end).",
         f"Machine: {machine()}.",
         "",
+        *([f"**Partial run**: {len(pending)} models not run yet: "
+           + ", ".join(f"{s}:{n}" for s, n in pending) + ".", ""] if pending else []),
         "Random weights (seeded), random BN statistics, eval mode, a batch of one 64 x 64 image "
         "(56 for vit_h_14, 96 for the Inception / Xception nets, 224 for maxvit_t).",
         "Columns: channel groups; prunable groups; groups `aofp_ext.prune` searches with "
@@ -197,16 +207,18 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     t0, l0 = time.perf_counter(), os.getloadavg()[0]
-    rows = []
-    for source, name in _cases(args.only):
+    rows: list[Row] = []
+    cases = _cases(args.only)
+    command = "python bench/zoo.py" + (f" --only {' '.join(args.only)}" if args.only else "")
+    for i, (source, name) in enumerate(cases):
         row = run_one(source, name)
         rows.append(row)
         print(f"{source}:{name}: {row.prunable}/{row.groups} prunable, min MACs (all) "
               f"{row.frac_all:.3f}, err {row.err:.1e}, {row.seconds:.0f} s {row.error}",
               flush=True)
-    command = "python bench/zoo.py" + (f" --only {' '.join(args.only)}" if args.only else "")
-    Path(args.out).write_text(render(rows, command, time.perf_counter() - t0,
-                                     (l0, os.getloadavg()[0])))
+        # written after every model: a run stopped early leaves a table that says so
+        Path(args.out).write_text(render(rows, command, time.perf_counter() - t0,
+                                         (l0, os.getloadavg()[0]), cases[i + 1:]))
     print(f"wrote {args.out}")
 
 
