@@ -10,9 +10,12 @@ How it works: the model is traced with ``torch.fx`` (``torch.nn`` modules are le
 propagated with fake tensors (no compute, the model is not touched), and every tensor's dim 1 gets
 a *layout*: a list of segments ``(source, first channel, channels, block)``. Convs and Linears
 create sources; channel-wise ops pass layouts through; ``cat`` concatenates them; ``add``/``mul``
-unify them in a union-find with offsets. Anything the analysis cannot follow (an unknown op, a
-channel slice, channel padding, a grouped conv, the model output) marks the groups it touches
-not prunable, with a reason that names the op -- never a silently wrong cut.
+unify them in a union-find with offsets; ``split``/``chunk``/slices cut them into pieces. Grouped
+convs and ``chunk`` add a *granularity* rule (equal counts kept in equal parts). Functional norms
+and layers count as their module when their tensors are that module's attributes. Anything the
+analysis cannot follow (an unknown op, a slice at bounds fixed in code, channel padding, the model
+output) marks the groups it touches not prunable, with a reason that names the op -- never a
+silently wrong cut. A submodule that torch.fx cannot trace becomes an opaque leaf.
 """
 
 from __future__ import annotations
@@ -554,7 +557,7 @@ class _Analysis:
         elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             self.layer(node, name, m)
         elif isinstance(m, nn.GroupNorm):
-            self.group_norm(node, name if m.affine else None, m.num_groups)
+            self.group_norm(node, m.num_groups)
         elif isinstance(m, nn.modules.batchnorm._NormBase) or (
                 isinstance(m, nn.PReLU) and m.num_parameters > 1):
             if lay is None:
@@ -837,7 +840,7 @@ class _Analysis:
             return self.passthrough(node, zero=True)
         self.record_call(node, owners.pop(), lay, None, "norm")
 
-    def group_norm(self, node: fx.Node, owner: str | None, num_groups: Any) -> None:
+    def group_norm(self, node: fx.Node, num_groups: Any) -> None:
         """GroupNorm normalises over groups of channels: removing channels inside a group changes
         its statistics; only whole groups could go, which is not followed."""
         self.unknown(node, f"is a group norm (num_groups={num_groups}): removing channels "
@@ -845,7 +848,7 @@ class _Analysis:
 
     def functional_group_norm(self, node: fx.Node) -> None:
         groups = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups")
-        self.group_norm(node, None, groups)
+        self.group_norm(node, groups)
 
     def pad(self, node: fx.Node) -> None:
         src = _shape(node.args[0])
