@@ -550,3 +550,14 @@ def test_stochastic_depth_of_torchvision() -> None:
     assert groups["a.0"].prunable  # the residual stream, through stochastic_depth
     assert {s.module for s in groups["a.0"].producers if s.role == "out"} == {"a.0", "b.0"}
     prune_matches_preview(Block(), x)
+
+
+def test_the_search_skips_groups_with_a_granularity() -> None:
+    from aofp_ext.pricing import select_targets
+
+    model = GroupedBlock()
+    groups = aofp_ext.channel_groups(model, torch.randn(2, 3, 8, 8))
+    assert [g.name for g in select_targets(groups, "all", model)] == ["c.0"]
+    with pytest.raises(ValueError, match=r"channel group 'a.0': its keep-set must keep equal "
+                                         r"counts in equal parts .* \(granularity 4\)"):
+        select_targets(groups, ["c.0", "a.0"], model)
