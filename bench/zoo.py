@@ -11,6 +11,8 @@ reasons (shortened, the most frequent first) for the conv groups that are not pr
 
     python bench/zoo.py                       # everything -> docs/zoo.md (long on 2 cores)
     python bench/zoo.py --only resnet18 dpn68 --out /tmp/zoo.md
+    python bench/zoo.py --shard 0/2 --json a.json & python bench/zoo.py --shard 1/2 --json b.json
+    python bench/zoo.py --render a.json b.json  # two processes, one table
 
 The goals of issue 14: at least 95 % of the torchvision classification models and 90 % of the
 timm list with at least half of their MACs reachable (``targets="all"``), every cut exact.
@@ -26,10 +28,11 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -74,6 +77,9 @@ def _reasons(model: torch.nn.Module, groups) -> str:
     conv = torch.nn.modules.conv._ConvNd
     made = [g for g in groups if not g.prunable and any(
         s.role == "out" and isinstance(model.get_submodule(s.module), conv) for s in g.producers)]
+    if not made:  # no conv-made group at all (e.g. convs whose weight the forward computes)
+        made = [g for g in groups if not g.prunable and g.reason not in (
+            "reaches the model output", "model input 'x'")]
     counts = collections.Counter(_short(g.reason) for g in made if g.reason)
     return "; ".join(f"{n}x {r}" if n > 1 else r for r, n in counts.most_common(2))
 
@@ -204,11 +210,20 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "zoo.md"))
     ap.add_argument("--only", nargs="*", help="model names to run (default: all)")
+    ap.add_argument("--shard", help="I/N: run every N-th model from the I-th (0-based)")
+    ap.add_argument("--json", help="also write the rows (and the models not run yet) here")
+    ap.add_argument("--render", nargs="+", metavar="JSON",
+                    help="write --out from the --json files of shards instead of running")
     args = ap.parse_args(argv)
+    if args.render:
+        return _render_shards(args.render, args.out)
     torch.set_grad_enabled(False)
     t0, l0 = time.perf_counter(), os.getloadavg()[0]
     rows: list[Row] = []
     cases = _cases(args.only)
+    if args.shard:
+        i, n = (int(v) for v in args.shard.split("/"))
+        cases = cases[i::n]
     command = "python bench/zoo.py" + (f" --only {' '.join(args.only)}" if args.only else "")
     for i, (source, name) in enumerate(cases):
         row = run_one(source, name)
@@ -217,9 +232,29 @@ def main(argv: list[str] | None = None) -> None:
               f"{row.frac_all:.3f}, err {row.err:.1e}, {row.seconds:.0f} s {row.error}",
               flush=True)
         # written after every model: a run stopped early leaves a table that says so
-        Path(args.out).write_text(render(rows, command, time.perf_counter() - t0,
-                                         (l0, os.getloadavg()[0]), cases[i + 1:]))
-    print(f"wrote {args.out}")
+        seconds, loads = time.perf_counter() - t0, (l0, os.getloadavg()[0])
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "rows": [asdict(r) for r in rows], "pending": cases[i + 1:],
+                "seconds": seconds, "loads": loads}))
+        else:
+            Path(args.out).write_text(render(rows, command, seconds, loads, cases[i + 1:]))
+    print(f"wrote {args.json or args.out}")
+
+
+def _render_shards(files: list[str], out: str) -> None:
+    shards = [json.loads(Path(f).read_text()) for f in files]
+    by_model = {(r["source"], r["name"]): Row(**r) for s in shards for r in s["rows"]}
+    rows = list(by_model.values())  # a later file's row replaces an earlier one
+    order = {c: i for i, c in enumerate(_cases(None))}
+    rows.sort(key=lambda r: order.get((r.source, r.name), len(order)))
+    pending = [tuple(c) for s in shards for c in s["pending"] if tuple(c) not in by_model]
+    seconds = max(s["seconds"] for s in shards)
+    loads = (max(s["loads"][0] for s in shards), max(s["loads"][1] for s in shards))
+    command = ("python bench/zoo.py --shard I/N --json F (in parallel), then --render "
+               + " ".join(Path(f).name for f in files))
+    Path(out).write_text(render(rows, command, seconds, loads, pending))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
