@@ -186,6 +186,11 @@ def render(rows: list[Row], command: str, seconds: float, loads: tuple[float, fl
         _summary(rows, "timm", 0.90),
         _summary(rows, "segmentation", 0.0),
         "",
+        "Models that miss (smallest MACs fraction reachable with `targets=\"all\"`; why: in "
+        "the table): "
+        + ", ".join(f"{r.source}:{r.name} ({r.frac_all:.2f})" for r in rows
+                    if not r.reaches_half) + ".",
+        "",
         "## Models",
         "",
         "| model | groups | prunable | targets auto / all | min MACs (all) | min MACs "
