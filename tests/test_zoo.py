@@ -41,6 +41,7 @@ NOT_FOLLOWED = {
     "swin_": "aofp_ext does not follow",
     "maxvit_": "aofp_ext does not follow",
     "convnext": "'.permute()'",
+    "nf_": "applies a weight that is not a conv/Linear module's own attribute",  # weight std.
 }
 
 #: prune() for a few steps: these by default, every model of the lists with -m slow.
