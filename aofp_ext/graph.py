@@ -10,20 +10,24 @@ How it works: the model is traced with ``torch.fx`` (``torch.nn`` modules are le
 propagated with fake tensors (no compute, the model is not touched), and every tensor's dim 1 gets
 a *layout*: a list of segments ``(source, first channel, channels, block)``. Convs and Linears
 create sources; channel-wise ops pass layouts through; ``cat`` concatenates them; ``add``/``mul``
-unify them in a union-find with offsets. Anything the analysis cannot follow (an unknown op, a
-channel slice, channel padding, a grouped conv, the model output) marks the groups it touches
-not prunable, with a reason that names the op -- never a silently wrong cut.
+unify them in a union-find with offsets; ``split``/``chunk``/slices cut them into pieces. Grouped
+convs and ``chunk`` add a *granularity* rule (equal counts kept in equal parts). Functional norms
+and layers count as their module when their tensors are that module's attributes. Anything the
+analysis cannot follow (an unknown op, a slice at bounds fixed in code, channel padding, the model
+output) marks the groups it touches not prunable, with a reason that names the op -- never a
+silently wrong cut. A submodule that torch.fx cannot trace becomes an opaque leaf.
 """
 
 from __future__ import annotations
 
 import operator
 import traceback
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from math import prod
+from math import lcm, prod
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-__all__ = ["ChannelSlot", "ChannelGroup", "ChannelGraphError", "channel_groups", "masked_forward"]
+__all__ = ["ChannelSlot", "ChannelGroup", "ChannelGraphError", "OpaqueModuleWarning",
+           "channel_groups", "masked_forward"]
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 Plan = Mapping[str, Any]
@@ -41,6 +46,10 @@ Plan = Mapping[str, Any]
 
 class ChannelGraphError(RuntimeError):
     """The model could not be traced, or a plan does not fit its channel groups."""
+
+
+class OpaqueModuleWarning(UserWarning):
+    """Submodules that torch.fx cannot trace were made opaque leaves (not prunable)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,9 @@ class ChannelGroup:
         mask_module: qualified name of the module whose output is ``mask_point``, when it is one.
         prunable: whether ``prune_channels_`` may cut this group.
         reason: why not, naming the op, when not prunable.
+        granularity: the group's channels form ``granularity`` equal consecutive parts (the
+            channel groups of a grouped conv, the parts of ``chunk``) and a keep-set must keep
+            the same number of channels in each part; 1 for no constraint.
     """
 
     name: str
@@ -96,6 +108,7 @@ class ChannelGroup:
     mask_module: str | None
     prunable: bool
     reason: str | None = None
+    granularity: int = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +162,17 @@ _BINARY_FUNCTIONS = {
 }
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 _META_METHODS = {"size", "dim", "numel", "get_device"}  # read shapes only
+# new tensors that take only the dtype/device of their input (DropPath's random mask)
+_CREATE_METHODS = {"new_empty", "new_zeros", "new_ones", "new_full"}
+# F.batch_norm / F.instance_norm arguments that hold per-channel tensors, and the module
+# attribute each must be
+_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias")
+
+
+def _is_stochastic_depth(fn: Any) -> bool:
+    """torchvision.ops.stochastic_depth (fx-wrapped): scales whole samples, channel-wise."""
+    return (getattr(fn, "__name__", None) == "stochastic_depth"
+            and str(getattr(fn, "__module__", "")).startswith("torchvision.ops"))
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 
@@ -158,15 +182,18 @@ _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 
 class _Tracer(fx.Tracer):
-    """``torch.nn`` modules (and ``leaf_modules``) are leaves; remembers where tracing failed."""
+    """``torch.nn`` modules (and ``leaf_modules``, and the modules named in ``leaf_names``) are
+    leaves; remembers where tracing failed."""
 
-    def __init__(self, leaf_modules: tuple[type, ...]):
+    def __init__(self, leaf_modules: tuple[type, ...], leaf_names: Iterable[str] = ()):
         super().__init__()
         self.leaf_types = leaf_modules
+        self.leaf_names = set(leaf_names)
         self.failed_in: tuple[str, str] | None = None  # (qualified name, type name)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, self.leaf_types) or qualname in self.leaf_names
+                or super().is_leaf_module(m, qualname))
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -188,27 +215,43 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: `{(f.line or '').strip()}`"
 
 
-def _trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> fx.GraphModule:
-    tracer = _Tracer(leaf_modules)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        cause = f"at {_user_frame(exc)} ({type(exc).__name__}: {exc})"
-        if tracer.failed_in is None:
-            fix = ("Make that forward traceable (no Python control flow on tensor values), or "
-                   "move the failing code into a submodule and pass its class in leaf_modules "
-                   "(the channels it touches then count as not prunable).")
-            where = f"the forward of {type(model).__name__}"
-        else:
-            name, kind = tracer.failed_in
-            where = f"module '{name}' ({kind})"
-            fix = (f"Make that module a leaf: channel_groups(model, inputs, leaf_modules=({kind},))"
-                   " -- the channels it touches then count as not prunable -- or make its forward "
-                   "traceable (no Python control flow on tensor values).")
-        raise ChannelGraphError(
-            f"torch.fx cannot trace {type(model).__name__}: it fails in {where} {cause}. {fix}"
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+#: At most this many submodules are made opaque leaves before tracing gives up.
+MAX_OPAQUE = 64
+
+
+def _trace(model: nn.Module, leaf_modules: tuple[type, ...]
+           ) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The traced model, and the submodules made opaque leaves (name -> why) because torch.fx
+    cannot trace them: when tracing fails inside a submodule, it is retried with that submodule
+    as a leaf (its channels then count as not prunable)."""
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = _Tracer(leaf_modules, opaque)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as exc:
+            cause = f"at {_user_frame(exc)} ({type(exc).__name__}: {exc})"
+            failed = tracer.failed_in
+            if failed is not None and failed[0] != "<root>" and failed[0] not in opaque \
+                    and len(opaque) < MAX_OPAQUE:
+                opaque[failed[0]] = f"torch.fx cannot trace it {cause}"
+                continue
+            if failed is None or failed[0] == "<root>":
+                fix = ("Make that forward traceable (no Python control flow on tensor values), "
+                       "or move the failing code into a submodule (which is then made an opaque "
+                       "leaf, its channels not prunable).")
+                where = f"the forward of {type(model).__name__}"
+            else:
+                name, kind = failed
+                where = f"module '{name}' ({kind})"
+                fix = (f"Make that module a leaf: channel_groups(model, inputs, leaf_modules=("
+                       f"{kind},)) -- the channels it touches then count as not prunable -- or "
+                       "make its forward traceable (no Python control flow on tensor values).")
+            raise ChannelGraphError(
+                f"torch.fx cannot trace {type(model).__name__}: it fails in {where} {cause}. "
+                f"{fix}") from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__), opaque
 
 
 def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
@@ -265,6 +308,24 @@ Layout = tuple[_Seg, ...]
 
 def _width(layout: Layout) -> int:
     return sum(s.length * s.block for s in layout)
+
+
+def _blocked(layout: Layout) -> bool:
+    return any(s.block != 1 for s in layout)
+
+
+def _cut(layout: Layout, a: int, b: int) -> Layout:
+    """The segments at positions ``a .. b - 1`` of a layout (whole channels of each segment:
+    a block is never split, positions must fall on block edges)."""
+    out, pos = [], 0
+    for seg in layout:
+        end = pos + seg.length * seg.block
+        lo, hi = max(a, pos), min(b, end)
+        if lo < hi:
+            c0, c1 = (lo - pos) // seg.block, -(-(hi - pos) // seg.block)
+            out.append(seg._replace(start=seg.start + c0, length=c1 - c0))
+        pos = end
+    return tuple(out)
 
 
 class _Sources:
@@ -363,6 +424,15 @@ class _Analysis:
     calls: dict[str, tuple[Layout, Layout]] = field(default_factory=dict)
     groups: list[ChannelGroup] = field(default_factory=list)
     roots: dict[str, int] = field(default_factory=dict)    # group name -> root source
+    opaque: dict[str, str] = field(default_factory=dict)   # modules made leaves -> why
+    pieces: dict[fx.Node, list[Layout]] = field(default_factory=dict)  # split / chunk results
+    parts: list[tuple[Layout, int, fx.Node]] = field(default_factory=list)  # equal-part rules
+    model: nn.Module | None = None  # the traced model (gm holds only bare copies of the modules
+    #                                 whose attributes a functional call reads)
+
+    @property
+    def root(self) -> nn.Module:
+        return self.model if self.model is not None else self.gm
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -380,6 +450,8 @@ class _Analysis:
         if node.op == "call_function":
             name = getattr(node.target, "__name__", str(node.target))
             return f"'{name}' (fx node '{node.name}'{where})"
+        if node.op == "get_attr":
+            return f"tensor attribute '{node.target}' (get_attr)"
         return f"{node.op} '{node.target}'"
 
     def new(self, node: fx.Node, size: int, reason: str | None = None) -> Layout:
@@ -443,11 +515,6 @@ class _Analysis:
                 shape = _shape(node)
                 if shape is not None and len(shape) >= 2:
                     self.layout[node] = self.new(node, shape[1], f"model input '{node.name}'")
-            elif node.op == "get_attr":
-                shape = _shape(node)
-                if shape is not None and len(shape) >= 2:
-                    self.layout[node] = self.new(
-                        node, shape[1], f"tensor attribute '{node.target}' (get_attr)")
             elif node.op == "output":
                 for arg in node.all_input_nodes:
                     self.poison(self.of(arg), "reaches the model output")
@@ -463,7 +530,7 @@ class _Analysis:
         """Modules that share a Parameter (tied weights) would be cut twice: not prunable."""
         owner: dict[int, str] = {}
         for name in self.calls:
-            for p in self.gm.get_submodule(name).parameters(recurse=False):
+            for p in self.root.get_submodule(name).parameters(recurse=False):
                 other = owner.setdefault(id(p), name)
                 if other != name:
                     reason = f"modules '{other}' and '{name}' share a parameter"
@@ -485,21 +552,12 @@ class _Analysis:
         name = str(node.target)
         x = node.args[0] if node.args else None
         lay = self.of(x)
-        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
-            if lay is None:
-                return self.unknown(node)
-            if m.groups == 1:
-                self.record_call(node, name, lay, m.out_channels, "in", consumer=True)
-            elif m.groups == m.in_channels == m.out_channels:
-                self.record_call(node, name, lay, None, "depthwise")
-            else:
-                self.unknown(node, f"is a grouped conv (groups={m.groups}); only groups=1 "
-                                   "and depthwise convs are followed")
-        elif isinstance(m, nn.Linear):
-            shape = _shape(x)
-            if lay is None or shape is None or len(shape) != 2:
-                return self.unknown(node, "is a Linear on a tensor that is not (N, features)")
-            self.record_call(node, name, lay, m.out_features, "in", consumer=True)
+        if name in self.opaque:
+            self.unknown(node, f"is made an opaque leaf: {self.opaque[name]}")
+        elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            self.layer(node, name, m)
+        elif isinstance(m, nn.GroupNorm):
+            self.group_norm(node, m.num_groups)
         elif isinstance(m, nn.modules.batchnorm._NormBase) or (
                 isinstance(m, nn.PReLU) and m.num_parameters > 1):
             if lay is None:
@@ -513,6 +571,46 @@ class _Analysis:
             self.passthrough(node, zero=True, act=isinstance(m, _ACT_MODULES))
         else:
             self.unknown(node, "is a module type that aofp_ext does not follow")
+
+    def layer(self, node: fx.Node, name: str, m: nn.Module) -> None:
+        """A conv or Linear ``m`` (module ``name``) applied by ``node`` to ``node.args[0]``."""
+        x = node.args[0] if node.args else None
+        lay = self.of(x)
+        if isinstance(m, nn.Linear):
+            shape = _shape(x)
+            if lay is None or shape is None or len(shape) != 2:
+                return self.unknown(node, "is a Linear on a tensor that is not (N, features)")
+            self.record_call(node, name, lay, m.out_features, "in", consumer=True)
+        elif lay is None or m.transposed:
+            self.unknown(node, "is a transposed conv, not followed" if m.transposed
+                         else "is an op that aofp_ext does not follow")
+        elif m.groups == 1:
+            self.record_call(node, name, lay, m.out_channels, "in", consumer=True)
+        elif m.groups == m.in_channels == m.out_channels:
+            self.record_call(node, name, lay, None, "depthwise")
+        else:  # grouped: equal counts per conv group in and out keep `groups` valid
+            self.record_call(node, name, lay, m.out_channels, "in", consumer=True)
+            self.parts += [(lay, m.groups, node), (self.layout[node], m.groups, node)]
+
+    def functional_layer(self, node: fx.Node) -> None:
+        """``F.linear`` / ``F.conv*d`` in a module's forward (timm's Linear, Conv2dSame, ...):
+        followed as that module when its weight (and bias) are the module's own attributes and
+        the call uses the module's groups."""
+        args = dict(zip(("input", "weight", "bias"), node.args))
+        args.update({k: v for k, v in node.kwargs.items() if k in ("weight", "bias")})
+        w, b = args.get("weight"), args.get("bias")
+        owner = str(w.target).rpartition(".")[0] if isinstance(w, fx.Node) else ""
+        m = self.root.get_submodule(owner) if isinstance(w, fx.Node) and w.op == "get_attr" \
+            and str(w.target).endswith("weight") else None
+        kind = nn.Linear if node.target is F.linear else nn.modules.conv._ConvNd
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        if (not isinstance(m, kind) or m.weight is None
+                or (b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"
+                                           and b.target == f"{owner}.bias"))
+                or (kind is not nn.Linear and groups != m.groups)):
+            return self.unknown(node, "applies a weight that is not a conv/Linear module's own "
+                                      "attribute")
+        self.layer(node, owner, m)
 
     def record_call(self, node: fx.Node, name: str, lay: Layout, out_size: int | None,
                     role: str, *, consumer: bool = False) -> None:
@@ -553,6 +651,16 @@ class _Analysis:
             self.getitem(node)
         elif t is F.pad:
             self.pad(node)
+        elif t in (F.linear, F.conv1d, F.conv2d, F.conv3d):
+            self.functional_layer(node)
+        elif t in (F.batch_norm, F.instance_norm):
+            self.functional_norm(node)
+        elif t is F.group_norm:
+            self.functional_group_norm(node)
+        elif t in (torch.split, torch.chunk):
+            self.split(node, chunks=t is torch.chunk)
+        elif _is_stochastic_depth(t):
+            self.passthrough(node, zero=True)
         elif t is getattr and node.args[1] in ("shape", "device", "dtype", "ndim"):
             self.meta.add(node)
         else:
@@ -560,8 +668,10 @@ class _Analysis:
 
     def visit_method(self, node: fx.Node) -> None:
         t = node.target
-        if t in _META_METHODS:
+        if t in _META_METHODS or t in _CREATE_METHODS:
             self.meta.add(node)
+        elif t in ("split", "chunk"):
+            self.split(node, chunks=t == "chunk")
         elif t in _ZERO_METHODS:
             self.passthrough(node, zero=True, act=t in _ACT_METHODS)
         elif t in _NONZERO_METHODS:
@@ -641,6 +751,10 @@ class _Analysis:
 
     def getitem(self, node: fx.Node) -> None:
         src, out = _shape(node.args[0]), _shape(node)
+        if node.args[0] in self.pieces and isinstance(node.args[1], int):
+            self.layout[node] = self.pieces[node.args[0]][node.args[1]]
+            self.zero.add(node)
+            return
         if src is None:  # indexing a tuple (or a shape): tensors from an op we did not follow
             if out is not None and len(out) >= 2 and isinstance(node.args[0], fx.Node):
                 what = self.describe(node.args[0])
@@ -649,10 +763,92 @@ class _Analysis:
             return
         idx = node.args[1]
         full = slice(None)
-        if (isinstance(idx, tuple) and len(idx) >= 2 and idx[0] == full and idx[1] == full
-                and out is not None and out[:2] == src[:2]):
+        if not (isinstance(idx, tuple) and len(idx) >= 2 and idx[0] == full
+                and isinstance(idx[1], slice) and out is not None and len(out) == len(src)
+                and all(isinstance(i, slice) or i is Ellipsis for i in idx[2:])):
+            return self.unknown(node, "indexes the channel dim")
+        if idx[1] == full:  # spatial indexing only
             return self.passthrough(node, zero=True)
-        self.unknown(node, "indexes the channel dim")
+        self.channel_slice(node, idx[1], src[1])
+
+    def channel_slice(self, node: fx.Node, sl: slice, width: int) -> None:
+        """``x[:, a:b]`` with bounds fixed in code: stays right after a cut only if no channel
+        before ``b`` goes, so the channels there are not prunable (the ones after it are dropped
+        by the slice anyway). ``x[:, :b]`` with ``b >= width`` stays the whole tensor."""
+        lay = self.of(node.args[0])
+        a, b, step = sl.start or 0, width if sl.stop is None else sl.stop, sl.step or 1
+        ints = all(isinstance(v, int) for v in (a, b, step))
+        if lay is None or not ints or a < 0 or b < 0 or step != 1 or _blocked(lay):
+            return self.unknown(node, "indexes the channel dim (negative, strided or computed "
+                                      "bounds)")
+        if a == 0 and b >= width:
+            return self.passthrough(node, zero=True)
+        self.poison(_cut(lay, 0, min(b, width)),
+                    f"{self.describe(node)} slices the channel dim at bounds fixed in code")
+        self.layout[node] = _cut(lay, a, min(b, width))
+        self.zero.add(node)
+
+    def split(self, node: fx.Node, chunks: bool) -> None:
+        """``split`` / ``chunk``: each piece (taken by ``getitem``) gets its part of the layout.
+        Along the channel dim, ``chunk(n)`` adapts to the width after a cut if every one of its
+        ``n`` parts keeps the same number of channels (a granularity rule on the group);
+        ``split`` sizes are fixed in code, so the channels it splits are not prunable."""
+        metas = node.meta.get("tensor_meta")
+        x = node.args[0]
+        src, lay = _shape(x), self.of(x)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if (src is None or lay is None or not isinstance(dim, int) or len(src) < 2 or _blocked(lay)
+                or not isinstance(metas, (tuple, list))
+                or not all(isinstance(m, TensorMetadata) for m in metas)):
+            return self.unknown(node)
+        if dim % len(src) != 1:
+            self.pieces[node] = [lay] * len(metas)
+            return
+        widths = [int(m.shape[1]) for m in metas]
+        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+        if chunks and isinstance(n, int) and len(widths) == n and len(set(widths)) == 1:
+            self.parts.append((lay, n, node))
+        else:
+            what = "chunks" if chunks else "splits"
+            self.poison(lay, f"{self.describe(node)} {what} the channel dim into parts of "
+                             f"sizes fixed in code ({widths})")
+        pos, self.pieces[node] = 0, []
+        for w in widths:
+            self.pieces[node].append(_cut(lay, pos, pos + w))
+            pos += w
+
+    def functional_norm(self, node: fx.Node) -> None:
+        """``F.batch_norm`` / ``F.instance_norm`` called in a module's forward (timm's
+        BatchNormAct2d): followed when its per-channel tensors are that module's own
+        ``running_mean`` / ``running_var`` / ``weight`` / ``bias`` attributes."""
+        args = dict(zip(_NORM_ARGS, node.args))
+        args.update({k: v for k, v in node.kwargs.items() if k in _NORM_ARGS})
+        lay = self.of(args.pop("input", None))
+        owners = set()
+        for k, v in args.items():
+            if v is None:
+                continue
+            if not (isinstance(v, fx.Node) and v.op == "get_attr"
+                    and str(v.target).rpartition(".")[2] == k):
+                return self.unknown(node, f"takes its {k} from something other than a module's "
+                                          f"'{k}' attribute")
+            owners.add(str(v.target).rpartition(".")[0])
+        if lay is None or len(owners) > 1:
+            return self.unknown(node, "normalises with the attributes of several modules"
+                                if len(owners) > 1 else "is an op that aofp_ext does not follow")
+        if not owners:  # batch / instance statistics only: channel-wise, zeros stay zeros
+            return self.passthrough(node, zero=True)
+        self.record_call(node, owners.pop(), lay, None, "norm")
+
+    def group_norm(self, node: fx.Node, num_groups: Any) -> None:
+        """GroupNorm normalises over groups of channels: removing channels inside a group changes
+        its statistics; only whole groups could go, which is not followed."""
+        self.unknown(node, f"is a group norm (num_groups={num_groups}): removing channels "
+                           "changes its groups' statistics; not followed")
+
+    def functional_group_norm(self, node: fx.Node) -> None:
+        groups = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups")
+        self.group_norm(node, groups)
 
     def pad(self, node: fx.Node) -> None:
         src = _shape(node.args[0])
@@ -669,7 +865,29 @@ class _Analysis:
 
     # -- groups ------------------------------------------------------------------------------
 
+    def part_rules(self) -> dict[int, int]:
+        """Root -> granularity, from the equal-part rules (grouped convs, ``chunk``): a rule
+        applies to a whole group, else the group is not prunable."""
+        gran: dict[int, int] = {}
+        for lay, n, node in self.parts:
+            root, off = self.src.find(lay[0].src) if len(lay) == 1 else (None, 0)
+            what = self.describe(node)
+            if root is None or off + lay[0].start != 0 or lay[0].length != self.src.size[root]:
+                self.poison(lay, f"{what} splits channels into {n} equal parts that do not "
+                                 "span one whole channel group")
+                continue
+            g = lcm(gran.get(root, 1), n)
+            if self.src.size[root] % g:
+                self.src.poison(root, f"{what} needs {g} equal parts of "
+                                      f"{self.src.size[root]} channels")
+            elif g == self.src.size[root]:
+                self.src.poison(root, f"{what} has one channel per group ({g} groups): the "
+                                      "same count kept in each means keeping them all")
+            gran[root] = g
+        return gran
+
     def build_groups(self) -> None:
+        gran = self.part_rules()
         members: dict[int, list[int]] = {}
         for s in range(len(self.src.parent)):
             members.setdefault(self.src.find(s)[0], []).append(s)
@@ -700,6 +918,7 @@ class _Analysis:
                 prunable=not reasons,
                 reason="; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)"
                                                  if len(reasons) > 3 else "") or None,
+                granularity=gran.get(root, 1),
             ))
 
     def mask_point(self, members: list[int], root: int) -> fx.Node | None:
@@ -761,9 +980,15 @@ def analyze(model: nn.Module, example_inputs: Inputs,
     """Trace ``model`` and compute its channel groups (internal; see :func:`channel_groups`)."""
     leaf = tuple(leaf_modules)
     inputs = _as_tuple(example_inputs)
-    gm = _trace(model, leaf)
-    run_quietly(model, ShapeProp(gm).propagate, inputs)
-    analysis = _Analysis(gm)
+    gm, opaque = _trace(model, leaf)
+    try:
+        run_quietly(model, ShapeProp(gm).propagate, inputs)
+    except Exception as exc:
+        raise ChannelGraphError(
+            f"running {type(model).__name__} on the example inputs (shapes "
+            f"{[tuple(t.shape) for t in inputs]}) failed at {_user_frame(exc)}: "
+            f"{type(exc).__name__}: {exc}") from exc
+    analysis = _Analysis(gm, opaque=opaque, model=model)
     analysis.run()
     analysis.build_groups()
     _LAST_TRACE[model] = (input_specs(inputs), leaf)
@@ -781,11 +1006,22 @@ def channel_groups(model: nn.Module, example_inputs: Inputs, *,
         leaf_modules: extra module types to treat as opaque leaves (for modules that fx cannot
             trace); the channels they touch are not prunable.
 
+    A submodule that ``torch.fx`` cannot trace (Python control flow on tensor values) is made an
+    opaque leaf: the channels it touches are not prunable, with the reason, and a
+    :class:`OpaqueModuleWarning` names every such module.
+
     Raises:
-        ChannelGraphError: the model cannot be traced; the message names the failing module
-            and source line and suggests ``leaf_modules``.
+        ChannelGraphError: the model cannot be traced (the failure is in its own forward, not in
+            a submodule) or cannot run on the example inputs; the message names the failing
+            module and source line.
     """
-    return list(analyze(model, example_inputs, leaf_modules).groups)
+    analysis = analyze(model, example_inputs, leaf_modules)
+    if analysis.opaque:
+        warnings.warn(OpaqueModuleWarning(
+            f"torch.fx cannot trace {len(analysis.opaque)} submodule(s) of "
+            f"{type(model).__name__}, made opaque leaves (their channels are not prunable): "
+            + "; ".join(f"'{n}': {why}" for n, why in analysis.opaque.items())), stacklevel=2)
+    return list(analysis.groups)
 
 
 def keep_index(keep: Any, group: ChannelGroup) -> torch.Tensor:
@@ -808,6 +1044,14 @@ def keep_index(keep: Any, group: ChannelGroup) -> torch.Tensor:
     if bool(dup.any()):
         raise ChannelGraphError(f"keep-set of '{group.name}' repeats index "
                                 f"{int(k[1:][dup][0])}")
+    if group.granularity > 1:
+        counts = torch.bincount(k // (group.size // group.granularity),
+                                minlength=group.granularity)
+        if bool((counts != counts[0]).any()):
+            raise ChannelGraphError(
+                f"keep-set of '{group.name}' must keep the same number of channels in each of "
+                f"its {group.granularity} parts of {group.size // group.granularity} channels "
+                f"(granularity, e.g. a grouped conv's groups); it keeps {counts.tolist()}")
     return k
 
 

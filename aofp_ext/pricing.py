@@ -379,6 +379,17 @@ class MacsModel:
 
 
 
+#: Why groups with a granularity rule (grouped convs, chunk) are not searched.
+_GRANULAR = ("its keep-set must keep equal counts in equal parts (a grouped conv or chunk), "
+             "which the AOFP search does not enforce")
+
+
+def _why_not(g: ChannelGroup) -> str:
+    if g.reason:
+        return g.reason
+    return _GRANULAR if g.granularity > 1 else "meets a residual add"
+
+
 def select_targets(groups: Sequence[ChannelGroup], targets: Any,
                     model: nn.Module) -> list[ChannelGroup]:
     def conv_made(g: ChannelGroup) -> bool:
@@ -390,10 +401,10 @@ def select_targets(groups: Sequence[ChannelGroup], targets: Any,
             raise ValueError(f"targets must be 'auto', 'all' or a list of group names, got "
                              f"{targets!r}")
         chosen = [g for g in groups if g.prunable and g.consumers and g.size >= 2
-                  and conv_made(g) and (targets == "all" or g.mask_point is not None)]
+                  and conv_made(g) and g.granularity == 1
+                  and (targets == "all" or g.mask_point is not None)]
         if not chosen:
-            why = "; ".join(f"'{g.name}': {g.reason or 'meets a residual add'}"
-                            for g in groups if conv_made(g))[:600]
+            why = "; ".join(f"'{g.name}': {_why_not(g)}" for g in groups if conv_made(g))[:600]
             raise ValueError(
                 f"no prunable channel group to search in {type(model).__name__} with "
                 f"targets={targets!r}" + (f" ({why})" if why else " (it has no conv layer)")
@@ -416,6 +427,9 @@ def select_targets(groups: Sequence[ChannelGroup], targets: Any,
             raise ValueError(f"channel group {n!r} has no conv/Linear consumer to price it on")
         if g.size < 2:
             raise ValueError(f"channel group {n!r} has a single channel: nothing to search")
+        if g.granularity > 1:
+            raise ValueError(f"channel group {n!r}: {_GRANULAR} (granularity "
+                             f"{g.granularity}); cut it with aofp_ext.prune_channels_")
         out.append(g)
     return out
 

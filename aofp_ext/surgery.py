@@ -87,10 +87,30 @@ def _set_attributes(module: nn.Module, role: str, n: int) -> None:
             module.out_features = n
         else:
             module.in_features = n
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        module.num_features = n
     elif isinstance(module, nn.PReLU):
         module.num_parameters = n
+    elif isinstance(getattr(module, "num_features", None), int):  # BatchNorm, timm's norm-act
+        module.num_features = n
+
+
+def _grouped(module: nn.Module, role: str) -> int:
+    """The conv groups when a cut of this role must be done group by group, else 0."""
+    groups = getattr(module, "groups", 1)
+    return groups if role == "in" and isinstance(module, nn.modules.conv._ConvNd) and \
+        groups > 1 else 0
+
+
+def _cut_grouped_in_(tensors: list[torch.Tensor], kept: torch.Tensor, groups: int) -> None:
+    """Input channels of a grouped conv, in place: the weight holds ``in / groups`` input
+    channels per output channel, those of its own group; each group keeps its own channels
+    (the same count in every group, checked by the plan's granularity)."""
+    with torch.no_grad():
+        for t in tensors:
+            per_in, per_out = t.shape[1], t.shape[0] // groups
+            local = [kept[(kept // per_in) == g] - g * per_in for g in range(groups)]
+            idx = torch.stack(local).to(t.device).repeat_interleave(per_out, 0)
+            idx = idx.view(*idx.shape, *(1,) * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
+            t.set_(t.gather(1, idx).contiguous())
 
 
 def _trace_setup(model: nn.Module, example_inputs: Inputs | None,
@@ -156,7 +176,9 @@ def prune_channels_(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimiz
                       if isinstance(v, torch.Tensor) and v.shape == t.shape]
             for u in (t, *extra):
                 tensors.setdefault(id(u), (u, dim))
-        if tensors:
+        if tensors and _grouped(module, role):
+            _cut_grouped_in_([u for u, _ in tensors.values()], kept, _grouped(module, role))
+        elif tensors:
             ops.compact_([u for u, _ in tensors.values()], [d for _, d in tensors.values()], kept)
         _set_attributes(module, role, kept.numel())
 

@@ -135,10 +135,15 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def random_plan(groups, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A random keep-set of random size for every prunable group, keeping at least one channel
     of every producing conv/Linear (a group made of several, as a concatenation, could otherwise
-    leave one of them empty)."""
+    leave one of them empty) and the same number in each part of a group with a granularity."""
     plan = {}
     for g in groups:
-        if g.prunable:
+        if g.prunable and g.granularity > 1:  # the same random count in each equal part
+            part = g.size // g.granularity
+            n = int(torch.randint(1, part + 1, (), generator=generator))
+            plan[g.name] = torch.cat([torch.randperm(part, generator=generator)[:n] + i * part
+                                      for i in range(g.granularity)]).sort().values
+        elif g.prunable:
             n = int(torch.randint(1, g.size + 1, (), generator=generator))
             keep = set(torch.randperm(g.size, generator=generator)[:n].tolist())
             for s in g.producers:

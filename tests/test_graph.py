@@ -4,6 +4,7 @@ in hand-written nets, the reasons given for what cannot be pruned, and hand coun
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from _nets import CatNet, FlattenNet, ProjectionNet, calibrate, conv_bn, random_plan
 
 import aofp_ext
-from aofp_ext.graph import ChannelGraphError, ChannelSlot
+from aofp_ext.graph import ChannelGraphError, ChannelSlot, OpaqueModuleWarning
 from aofp_ext.models import lenet5_bn, mobilenet_v2_cifar, resnet20, resnet56, vgg16_cifar
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -172,7 +173,7 @@ def test_squeeze_excitation_gate_is_coupled() -> None:
 class Odd(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.c, self.d = conv_bn(3, 8), conv_bn(8, 8), conv_bn(8, 8), conv_bn(8, 6)
+        self.a, self.b, self.c, self.d = conv_bn(3, 8), conv_bn(6, 8), conv_bn(8, 8), conv_bn(8, 6)
         self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=2)
         self.dw2 = nn.Conv2d(6, 12, 3, padding=1, groups=6)  # channel multiplier 2
         self.gn = nn.GroupNorm(2, 12)
@@ -180,7 +181,7 @@ class Odd(nn.Module):
 
     def forward(self, x):
         y = F.relu(self.a(x))
-        y = F.relu(self.b(y[:, :8]))          # a channel slice (even if it covers everything)
+        y = F.relu(self.b(y[:, :6]))          # a channel slice at bounds fixed in code
         y = F.relu(self.c(torch.softmax(y, 1)))
         y = self.grouped(F.relu(self.d(y)))
         y = self.gn(self.dw2(y))
@@ -190,14 +191,16 @@ class Odd(nn.Module):
 def test_reasons_name_the_op() -> None:
     groups = by_name(Odd(), torch.randn(2, 3, 8, 8))
     reason = {n: g.reason for n, g in groups.items()}
-    assert "'getitem'" in reason["a.0"] and "indexes the channel dim" in reason["a.0"]
+    assert "'getitem'" in reason["a.0"] and "slices the channel dim at bounds fixed" in reason["a.0"]
     assert "'softmax'" in reason["b.0"]
-    assert "module 'grouped' (Conv2d) is a grouped conv (groups=2)" in reason["d.0"]
-    assert "module 'dw2' (Conv2d)" in reason["@grouped"]  # no producing module of its own
-    assert "module 'gn' (GroupNorm)" in reason["@dw2"]
+    # the grouped conv's input keeps equal counts per conv group; the channel multiplier conv
+    # (one input channel per group) can only keep everything
+    assert groups["d.0"].prunable and groups["d.0"].granularity == 2
+    assert "module 'dw2' (Conv2d) has one channel per group (6 groups)" in reason["grouped"]
+    assert "module 'gn' (GroupNorm) is a group norm (num_groups=2)" in reason["dw2"]
     assert "'.transpose()'" in reason["e.0"]
-    assert [n for n, g in groups.items() if g.prunable] == ["c.0"]  # softmax feeds it, its
-    prune_matches_preview(Odd(), torch.randn(4, 3, 8, 8))           # output is plain
+    assert [n for n, g in groups.items() if g.prunable] == ["c.0", "d.0"]  # softmax feeds c.0,
+    prune_matches_preview(Odd(), torch.randn(4, 3, 8, 8))                  # its output is plain
 
 
 def test_tied_weights_are_not_cut() -> None:
@@ -225,16 +228,40 @@ class Untraceable(nn.Module):
         return self.c(F.relu(self.b(self.gate(F.relu(self.a(x))))))
 
 
-def test_untraceable_model_names_the_op_and_suggests_leaf_modules() -> None:
+def test_untraceable_submodule_becomes_an_opaque_leaf() -> None:
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(ChannelGraphError) as info:
-        aofp_ext.channel_groups(Untraceable(), x)
-    msg = str(info.value)
-    assert "module 'gate' (Gate)" in msg and "if x.sum() > 0:" in msg
-    assert "leaf_modules=(Gate,)" in msg
-    groups = by_name(Untraceable(), x, leaf_modules=(Gate,))
-    assert "module 'gate' (Gate)" in groups["a.0"].reason
-    assert groups["b.0"].prunable
+    with pytest.warns(OpaqueModuleWarning, match=r"'gate': torch.fx cannot trace it at .*"
+                                                  r"if x.sum\(\) > 0:"):
+        groups = by_name(Untraceable(), x)
+    assert "module 'gate' (Gate) is made an opaque leaf: torch.fx cannot" in groups["a.0"].reason
+    assert groups["b.0"].prunable and not groups["a.0"].prunable
+    with pytest.warns(OpaqueModuleWarning):
+        prune_matches_preview(Untraceable(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit leaf is no surprise: no warning
+        groups = by_name(Untraceable(), x, leaf_modules=(Gate,))
+    assert "module 'gate' (Gate) is a module type that aofp_ext does not follow" in (
+        groups["a.0"].reason)
+
+
+class UntraceableRoot(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y if y.sum() > 0 else -y  # in the model's own forward: nothing to make a leaf
+
+
+def test_untraceable_forward_and_bad_inputs_raise_channel_graph_error() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ChannelGraphError, match=r"fails in the forward of UntraceableRoot at "
+                                                r".*return y if y.sum\(\) > 0 else -y"):
+        aofp_ext.channel_groups(UntraceableRoot(), x)
+    with pytest.raises(ChannelGraphError, match=r"running Sequential on the example inputs "
+                                                r"\(shapes \[\(2, 5, 8, 8\)\]\) failed"):
+        aofp_ext.channel_groups(conv_bn(3, 4), torch.randn(2, 5, 8, 8))
 
 
 # ---- masked_forward ------------------------------------------------------------------------------
@@ -321,3 +348,216 @@ def test_group_names_are_stable_across_cuts() -> None:
     sizes = {g.name: g.size for g in after}
     assert sizes["blocks.3.block.6"] == 6 and sizes["blocks.5.block.0"] == 2
     assert re.fullmatch(r"blocks\.\d+\.block\.\d+", before[5])
+
+
+# ---- constructs of torchvision / timm models (issue 14), on tiny hand-written nets ------------
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: F.batch_norm on the module's own attributes, then an activation."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, 0.1, self.eps)
+        return F.relu(x)
+
+
+class FLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class FConv(nn.Conv2d):
+    def forward(self, x):  # timm's Conv2dSame pads, then calls F.conv2d with its own weight
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0,
+                        self.dilation, self.groups)
+
+
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = FConv(3, 8, 3), BNAct(8)
+        self.c2, self.n2 = nn.Conv2d(8, 6, 3, padding=1), BNAct(6)
+        self.c3, self.n3 = nn.Conv2d(6, 5, 1), nn.BatchNorm2d(5)
+        self.fc = FLinear(5, 3)
+
+    def forward(self, x):
+        y = self.n2(self.c2(self.n1(self.c1(x))))
+        y = self.n3(self.c3(y))  # below: batch norm with a weight computed in the forward
+        y = F.batch_norm(y, self.n3.running_mean, self.n3.running_var, self.n3.weight * 2)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_functional_norm_linear_and_conv_on_module_attributes() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    groups = by_name(Functional(), x)
+    g = groups["c1"]
+    assert g.prunable and g.mask_point == "relu" and g.mask_module is None
+    assert g.producers == (ChannelSlot("c1", "out", 0, 0, 8), ChannelSlot("n1", "norm", 0, 0, 8))
+    assert g.consumers == (ChannelSlot("c2", "in", 0, 0, 8),)
+    assert groups["c2"].prunable and groups["c2"].consumers == (ChannelSlot("c3", "in", 0, 0, 6),)
+    assert "'batch_norm' (fx node 'batch_norm_2') takes its weight from something other than " \
+           "a module's 'weight' attribute" in groups["c3"].reason
+    assert groups["fc"].reason == "reaches the model output"
+    model = Functional()
+    prune_matches_preview(model, x)
+    assert model.n1.num_features == model.c1.out_channels == model.c2.in_channels < 8 or (
+        model.n2.num_features == model.c2.out_channels < 6)
+
+
+class GroupedBlock(nn.Module):
+    """ResNeXt: 1x1 conv, grouped 3x3 conv, 1x1 conv; and a grouped conv fed by a concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(3, 8, 1), conv_bn(8, 12, 3)
+        self.b[0] = nn.Conv2d(8, 12, 3, padding=1, groups=4, bias=False)
+        self.c = conv_bn(12, 6, 1)
+        self.d, self.e = nn.Conv2d(6, 2, 1), nn.Conv2d(6, 2, 1)
+        self.f = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        y = F.relu(self.c(F.relu(self.b(y))))
+        return self.f(torch.cat([self.d(y), self.e(y)], 1))
+
+
+def test_grouped_conv_keeps_equal_counts_per_conv_group() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    groups = by_name(GroupedBlock(), x)
+    assert groups["a.0"].prunable and groups["a.0"].granularity == 4
+    assert groups["b.0"].prunable and groups["b.0"].granularity == 4
+    assert groups["c.0"].prunable and groups["c.0"].granularity == 1
+    assert "splits channels into 2 equal parts that do not span one whole channel group" in (
+        groups["d"].reason)
+    model = GroupedBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(x).sum().backward()
+    opt.step()
+    plan = {"a.0": [0, 3, 5, 6], "b.0": [1, 2, 4, 5, 6, 8, 9, 11]}  # 1 per part of 2; 2 of 3
+    calibrate(model, x)
+    with torch.no_grad():
+        expected = aofp_ext.masked_forward(model, plan, x)
+    aofp_ext.prune_channels_(model, plan, opt)
+    assert model.b[0].weight.shape == (8, 1, 3, 3) and model.b[0].groups == 4
+    assert opt.state[model.b[0].weight]["momentum_buffer"].shape == (8, 1, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    prune_matches_preview(GroupedBlock(), x, seed=3)
+    bad = {"a.0": [0, 1, 3]}
+    for call in (lambda m: aofp_ext.masked_forward(m, bad, x),
+                 lambda m: aofp_ext.prune_channels_(m, bad, example_inputs=x)):
+        with pytest.raises(ChannelGraphError, match=r"keep-set of 'a.0' must keep the same "
+                           r"number of channels in each of its 4 parts of 2 channels .* keeps "
+                           r"\[2, 1, 0, 0\]"):
+            call(GroupedBlock())
+
+
+class Branches(nn.Module):
+    """chunk into branches and cat back (GhostNet / CSP style), a split and slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = conv_bn(3, 8), conv_bn(4, 4), conv_bn(4, 6)
+        self.d, self.e = conv_bn(14, 6), conv_bn(6, 4)
+        self.f, self.g = conv_bn(3, 4), nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        y1, y2 = F.relu(self.a(x)).chunk(2, dim=1)      # equal parts: a granularity rule
+        y = torch.cat([y1, F.relu(self.b(y1)), F.relu(self.c(y2))], 1)
+        y = F.relu(self.d(y))
+        u, v = torch.split(y, [2, 4], dim=1)             # sizes fixed in code
+        y = torch.cat([u, v], 1)[:, :100]                # a slice past the end: the whole tensor
+        z = F.relu(self.e(y))[:, 1:]                     # a slice fixed in code
+        return self.g(torch.cat([F.relu(self.f(z[:, :, ::2, ::2])), z[:, :2, ::2, ::2]], 1))
+
+
+def test_chunk_split_and_slices() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    groups = by_name(Branches(), x)
+    assert groups["a.0"].prunable and groups["a.0"].granularity == 2
+    assert {(s.module, s.start, s.group_start, s.length) for s in groups["a.0"].consumers} == {
+        ("b.0", 0, 0, 4), ("c.0", 0, 4, 4), ("d.0", 0, 0, 4)}
+    assert groups["b.0"].prunable and groups["c.0"].prunable
+    assert "'split' (fx node 'split') splits the channel dim into parts of sizes fixed in code " \
+           "([2, 4])" in groups["d.0"].reason
+    assert "slices the channel dim at bounds fixed in code" in groups["e.0"].reason
+    assert groups["f.0"].prunable
+    prune_matches_preview(Branches(), x)
+    for seed in range(3):
+        prune_matches_preview(Branches(), torch.randn(3, 3, 8, 8), seed=seed)
+
+
+def drop_path(x, p: float = 0.2, training: bool = False):
+    """timm's drop_path: a random per-sample mask made with ``new_empty`` in training mode."""
+    if p == 0.0 or not training:
+        return x
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * mask.div_(1 - p)
+
+
+class DropPath(nn.Module):
+    def forward(self, x):
+        return drop_path(x, 0.2, self.training)
+
+
+class SEBlock(nn.Module):
+    """Residual block with DropPath, SE with mean / amax pooling and a hard-sigmoid gate written
+    out (timm's hard_sigmoid), and an interpolate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(3, 8), conv_bn(8, 8)
+        self.se1, self.se2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.c, self.d = conv_bn(8, 6), nn.Conv2d(6, 2, 1)
+        self.drop = DropPath()
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        z = F.relu(self.b(y))
+        s = z.mean((2, 3), keepdim=True) + z.amax((2, 3), keepdim=True)
+        z = z * (F.relu6(self.se2(F.relu(self.se1(s))) + 3.0) / 6.0)
+        y = y + self.drop(z)
+        y = F.interpolate(F.relu(self.c(y)), scale_factor=2.0, mode="bilinear")
+        return self.d(y)
+
+
+def test_drop_path_se_gates_and_interpolate() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    for training in (False, True):  # traced in either mode: DropPath's mask is not a channel op
+        groups = by_name(SEBlock().train(training), x)
+        assert groups["a.0"].prunable and {s.module for s in groups["a.0"].producers if
+                                           s.role == "out"} == {"a.0", "b.0", "se2"}
+        assert groups["se1"].prunable and groups["c.0"].prunable
+    prune_matches_preview(SEBlock(), x)
+
+
+def test_stochastic_depth_of_torchvision() -> None:
+    ops = pytest.importorskip("torchvision.ops")
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = conv_bn(3, 6), conv_bn(6, 6), nn.Conv2d(6, 2, 1)
+            self.sd = ops.StochasticDepth(0.2, "row")
+
+        def forward(self, x):
+            y = F.relu(self.a(x))
+            return self.c(y + self.sd(F.relu(self.b(y))))
+
+    x = torch.randn(2, 3, 8, 8)
+    groups = by_name(Block(), x)
+    assert groups["a.0"].prunable  # the residual stream, through stochastic_depth
+    assert {s.module for s in groups["a.0"].producers if s.role == "out"} == {"a.0", "b.0"}
+    prune_matches_preview(Block(), x)
+
+
+def test_the_search_skips_groups_with_a_granularity() -> None:
+    from aofp_ext.pricing import select_targets
+
+    model = GroupedBlock()
+    groups = aofp_ext.channel_groups(model, torch.randn(2, 3, 8, 8))
+    assert [g.name for g in select_targets(groups, "all", model)] == ["c.0"]
+    with pytest.raises(ValueError, match=r"channel group 'a.0': its keep-set must keep equal "
+                                         r"counts in equal parts .* \(granularity 4\)"):
+        select_targets(groups, ["c.0", "a.0"], model)
