@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,16 @@ def test_prune_then_eval(tmp_path, capsys) -> None:
     assert rc == 0 and "on 200 mnist test images: accuracy" in out
     macs = int(out.split("%, ")[1].split(" MACs")[0].replace(",", ""))
     assert macs <= 0.8 * 2_293_000
+    rc = main(["eval", "--arch", "lenet5", "--weights", str(tmp_path / "out" / "model.pt"),
+               "--data", mnist, "--test-limit", "20", "--latency", "--latency-batch", "8",
+               "--latency-repeats", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "latency (cpu, " in out and "median of 3 interleaved" in out, out
+    rows = [ln for ln in out.splitlines() if ln.strip().startswith("batch")]
+    assert [int(r.split()[1].rstrip(":")) for r in rows] == [1, 8], out
+    for r in rows:  # both times positive, and a speed-up printed
+        assert re.search(r"original +\d+\.\d{3} ms, this model +\d+\.\d{3} ms \(\d+\.\d\dx\)$", r), r
+        assert float(r.split("this model")[1].split("ms")[0]) > 0, r
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -83,7 +83,27 @@ def eval_cmd(args: argparse.Namespace) -> int:
     print(f"{args.model or args.arch} ({args.weights}) on {data.test_images} {data.name} test images: "
           f"accuracy {acc:.2f} %, {macs:,} MACs, {params:,} params "
           f"({time.perf_counter() - t0:.1f} s)")
+    if args.latency:
+        print_latency(args, model, next(iter(data.test))[0].to(args.device or "cpu"))
     return 0
+
+
+def print_latency(args: argparse.Namespace, model: torch.nn.Module, example: torch.Tensor) -> None:
+    """``--latency``: this model's inference latency next to its original architecture's (built
+    fresh from ``--model``; the weights' values do not change the time), side by side in one run
+    (interleaved forwards, medians), at batch 1 and ``--latency-batch``."""
+    from ..latency import compare
+    from ..models import from_spec
+
+    original = from_spec(args.model or args.arch, args.model_kwargs).to(example.device)
+    r = compare(original, model, example, batch=args.latency_batch, repeats=args.latency_repeats)
+    where = f"{r['device']}" + (f", {r['threads']} threads" if r["device"] == "cpu" else "")
+    print(f"  latency ({where}, {r['timer']}, median of {args.latency_repeats} interleaved "
+          "forwards; original = the unpruned architecture):")
+    for b, speedup in r["speedup"].items():
+        o, p = r["original"][b]["median_s"], r["pruned"][b]["median_s"]
+        print(f"    batch {b:>4}: original {o * 1e3:9.3f} ms, this model {p * 1e3:9.3f} ms "
+              f"({speedup:.2f}x)")
 
 
 def bench_cmd(args: argparse.Namespace) -> int:

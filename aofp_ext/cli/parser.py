@@ -166,6 +166,11 @@ def _eval_command(sub: Any) -> None:
     ev.add_argument("--device", default=None)
     ev.add_argument("--batch-size", type=_positive, default=500)
     ev.add_argument("--test-limit", type=_positive, default=None)
+    ev.add_argument("--latency", action="store_true",
+                    help="also time inference against the unpruned architecture, side by side "
+                    "(median of interleaved forwards at batch 1 and --latency-batch)")
+    ev.add_argument("--latency-batch", type=_positive, default=32)
+    ev.add_argument("--latency-repeats", type=_positive, default=20)
     ev.set_defaults(func=eval_cmd)
 
 
