@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import aofp_ext
 from aofp_ext import models as zoo
 from aofp_ext import pricing, pruner, search
+from aofp_ext.pruner import search_loop
 
 ALL_MODELS = ("resnet20", "resnet56", "vgg16", "mobilenetv2", "lenet", "resnet50", "resnet152")
 
@@ -125,7 +126,7 @@ def patched(parts: Parts):
 
     swap(pricing.Consumer, "pre_hook", "capture")
     swap(pricing.Consumer, "post_hook", "capture")
-    for mod in (pruner, pricing):
+    for mod in (pruner, search_loop, pricing):   # every module that imported price by name
         if hasattr(mod, "price"):
             swap(mod, "price", "pricing")
     for name in ("draw", "record", "end_step"):
@@ -210,6 +211,9 @@ def search_steps(model: nn.Module, data, device: str, steps: int, K: int
                      max_steps=steps + 2, device=device, progress=False, callback=count)
     times = [b - a for a, b in zip(stamps, stamps[1:])][1:]     # drop the warm-up step
     shares = {k: statistics.median(p[k] for p in per_step[2:]) for k in per_step[0]}
+    if not all(p["pricing"] > 0 and p["capture"] > 0 for p in per_step[2:]):
+        raise RuntimeError("the timing wrappers missed the pricing or the capture of a search "
+                           "step (a module imports them under another name): parts not measured")
     return times, shares, n_targets
 
 
