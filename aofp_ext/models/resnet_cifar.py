@@ -1,18 +1,17 @@
 """The CIFAR ResNet of He et al. with parameter-free "option A" shortcuts.
 
 Module names and shapes match the pretrained weights in ``shared/data/weights`` (public repo
-akamaster/pytorch_resnet_cifar10), so :func:`load_pretrained` loads them as they are.
+akamaster/pytorch_resnet_cifar10), so :func:`aofp_ext.models.load_pretrained` loads them as they are.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BasicBlock", "ResNetCifar", "resnet_cifar", "resnet20", "resnet56", "load_pretrained"]
+__all__ = ["BasicBlock", "ResNetCifar", "resnet_cifar", "resnet20", "resnet56"]
 
 
 class PadShortcut(nn.Module):
@@ -90,19 +89,3 @@ def resnet20(num_classes: int = 10) -> ResNetCifar:
 
 def resnet56(num_classes: int = 10) -> ResNetCifar:
     return resnet_cifar(56, num_classes)
-
-
-def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a checkpoint into ``model`` (``weights_only``; a ``{'state_dict': ...}`` wrapper and a
-    ``module.`` prefix are handled; ``num_batches_tracked`` may be missing). Returns ``model``."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"load_pretrained: {path} holds no state dict (got {type(obj).__name__})")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"load_pretrained: {path} does not fit {type(model).__name__}: "
-                         f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-    return model
