@@ -43,6 +43,7 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from _common import cpu_name  # noqa: E402  (bench/, first on sys.path)
 
 MODELS = {
     # global batch, attempts per step, thresh, steps per half
@@ -52,14 +53,7 @@ MODELS = {
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return (f"{cpu}, {os.cpu_count()} logical CPUs, {gpus} CUDA GPU(s), torch "
             f"{torch.__version__}, Python {platform.python_version()}, "

@@ -23,6 +23,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from _common import cpu_name  # bench/, first on sys.path
+
 # The issue's compass: fused vs the batched loop at the largest K on the ResNet-50 shapes, the
 # fused ops' mask product against the measured fp32 peak there, the ResNet-56 search time.
 RATIO_GOAL, PEAK_GOAL_PCT, SEARCH_GOAL_S = 50.0, 50.0, 60.0
@@ -33,12 +35,7 @@ def machine() -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "python": platform.python_version(),
             "cpu_count": os.cpu_count()}
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    info["cpu"] = cpu
+    info["cpu"] = cpu_name()
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30)

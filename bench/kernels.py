@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from _common import cpu_name  # bench/, first on sys.path
 from aofp_ext import ops
 
 
@@ -338,11 +339,7 @@ def gemm_table(rows: list[dict], peaks: dict) -> str:
 
 
 def machine(device: str = "cpu") -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:  # pragma: no cover
-        model = platform.processor() or "unknown CPU"
+    model = cpu_name()
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     gpu = ""
     if device == "cuda":

@@ -46,6 +46,7 @@ from aofp_ext import pricing, pruner  # noqa: E402
 from aofp_ext.data import cifar10, default_data_dir, mnist  # noqa: E402
 from aofp_ext.models import lenet5_bn, load_pretrained, resnet56  # noqa: E402
 from aofp_ext.search import default_iters_per_half  # noqa: E402
+from _common import cpu_name  # noqa: E402  (bench/, first on sys.path)
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,7 @@ QUICK = Config(lenet_base_epochs=1, lenet_floor_halves=8, lenet_k1_max_steps=600
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")

@@ -37,10 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import aofp_ext
 from aofp_ext import models as zoo
 from aofp_ext import pricing, pruner, search
 from aofp_ext.pruner import search_loop
+from _common import cpu_name  # bench/, first on sys.path
 
 ALL_MODELS = ("resnet20", "resnet56", "vgg16", "mobilenetv2", "lenet", "resnet50", "resnet152")
 
@@ -223,14 +223,7 @@ def search_steps(model: nn.Module, data, device: str, steps: int, K: int
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     s = (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
          f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
     if device == "cuda":

@@ -118,14 +118,15 @@ def bench_cmd(args: argparse.Namespace) -> int:
     argv = list(args.args)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    saved = sys.argv
+    saved = sys.argv, sys.path[:]
     sys.argv = [str(script), *argv]
+    sys.path.insert(0, str(script.parent))  # as `python bench/NAME.py` has it
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     finally:
-        sys.argv = saved
+        sys.argv, sys.path[:] = saved
     return 0
 
 
