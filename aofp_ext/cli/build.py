@@ -78,10 +78,10 @@ def build_data(args: argparse.Namespace) -> Data:
     ``--batch-size`` batches); ``eval``: the test loader only, in ``--batch-size`` batches.
     ``--test-limit`` for both."""
     name, root = args.data
-    size = getattr(args, "input_size", 224)
+    size = args.input_size
     example = {"mnist": torch.zeros(1, 1, 28, 28), "cifar10": torch.zeros(1, 3, 32, 32)}.get(
         name, torch.zeros(1, 3, size, size))
-    workers = getattr(args, "workers", 0)
+    workers = args.workers
     if args.command == "eval":
         test = _split(name, root, "test", args.test_limit, size)
         return Data(name, None, DataLoader(test, batch_size=args.batch_size, num_workers=workers),
