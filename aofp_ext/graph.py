@@ -7,10 +7,13 @@ channels of every layer that consumes them (``cat`` places a group at an offset;
 gives each channel a block of ``H * W`` neurons of the following Linear).
 
 How it works: the model is traced with ``torch.fx`` (``torch.nn`` modules are leaves), shapes are
-propagated with fake tensors (no compute, the model is not touched), and every tensor's dim 1 gets
-a *layout*: a list of segments ``(source, first channel, channels, block)``. Convs and Linears
-create sources; channel-wise ops pass layouts through; ``cat`` concatenates them; ``add``/``mul``
-unify them in a union-find with offsets; ``split``/``chunk``/slices cut them into pieces. Grouped
+propagated with fake tensors (no compute, the model is not touched), and every followed tensor
+gets a *channel dim* (1 after a conv or BN, the last dim after a Linear; ``permute``/``reshape``
+move it) and a *layout* along it: a list of segments ``(source, first channel, channels, block)``.
+Convs and Linears create sources; channel-wise ops pass layouts through; ``cat`` concatenates
+them; ``add``/``mul`` unify them in a union-find with offsets; ``split``/``chunk``/slices cut them
+into pieces. A tensor the analysis does not follow has no layout: where it meets followed
+channels, they become not prunable. Grouped
 convs and ``chunk`` add a *granularity* rule (equal counts kept in equal parts). Functional norms
 and layers count as their module when their tensors are that module's attributes. Anything the
 analysis cannot follow (an unknown op, a slice at bounds fixed in code, channel padding, the model
@@ -98,6 +101,9 @@ class ChannelGroup:
         granularity: the group's channels form ``granularity`` equal consecutive parts (the
             channel groups of a grouped conv, the parts of ``chunk``) and a keep-set must keep
             the same number of channels in each part; 1 for no constraint.
+        spatial: a conv/Linear making the group's channels makes them at every position of a
+            map or a sequence (a conv; a Linear over channels-last maps or tokens), not as the
+            features of one vector per sample.
     """
 
     name: str
@@ -109,6 +115,7 @@ class ChannelGroup:
     prunable: bool
     reason: str | None = None
     granularity: int = 1
+    spatial: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +131,14 @@ _ZERO_MODULES: tuple[type, ...] = (
     nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
     nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+# Modules and functions that work over the dims after dim 1 (pools, resampling, padding): they
+# keep channels apart only when the channel dim is dim 1.
+_SPATIAL_MODULES: tuple[type, ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ReflectionPad2d,
+    nn.ReplicationPad2d, nn.ConstantPad2d,
 )
 _NONZERO_MODULES: tuple[type, ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.ConstantPad2d)
 _ACT_MODULES: tuple[type, ...] = (  # may sit in a producer's chain (before its mask point)
@@ -151,6 +166,13 @@ _ZERO_METHODS = {
 }
 _NONZERO_METHODS = {"sigmoid", "sigmoid_", "exp", "clamp", "clamp_", "clamp_min", "clamp_max"}
 _ACT_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
+_SPATIAL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.interpolate,
+}
+# dim orders: the channel dim moves with its dim
+_PERMUTE_FUNCTIONS = {torch.permute, torch.transpose, torch.swapaxes, torch.swapdims}
+_PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims"}
 
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _SHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
@@ -415,17 +437,22 @@ class _Analysis:
     gm: fx.GraphModule
     src: _Sources = field(default_factory=_Sources)
     layout: dict[fx.Node, Layout] = field(default_factory=dict)
+    cdim: dict[fx.Node, int] = field(default_factory=dict)  # the channel dim of each layout
+    free: dict[fx.Node, str] = field(default_factory=dict)  # tensors not followed, and why
+    unfollowed: dict[tuple[fx.Node, int], Layout] = field(default_factory=dict)
+    spatial: set[str] = field(default_factory=set)  # layers whose outputs have positions
     axes: list[_Axis] = field(default_factory=list)
     chain: set[fx.Node] = field(default_factory=set)       # may precede a mask point
     zero: set[fx.Node] = field(default_factory=set)        # maps zeroed channels to zeros
     consumers: set[fx.Node] = field(default_factory=set)   # conv/Linear reading their input dim
-    consumed: list[tuple[fx.Node, Layout]] = field(default_factory=list)  # their inputs, per call
+    consumed: list[tuple[fx.Node, Layout, int]] = field(default_factory=list)  # their inputs
     meta: set[fx.Node] = field(default_factory=set)        # read shapes only (x.size(0), ...)
     calls: dict[str, tuple[Layout, Layout]] = field(default_factory=dict)
     groups: list[ChannelGroup] = field(default_factory=list)
     roots: dict[str, int] = field(default_factory=dict)    # group name -> root source
     opaque: dict[str, str] = field(default_factory=dict)   # modules made leaves -> why
-    pieces: dict[fx.Node, list[Layout]] = field(default_factory=dict)  # split / chunk results
+    pieces: dict[fx.Node, list[Layout] | str] = field(default_factory=dict)  # split / chunk
+    #                                  results (a reason when the split tensor is not followed)
     parts: list[tuple[Layout, int, fx.Node]] = field(default_factory=list)  # equal-part rules
     model: nn.Module | None = None  # the traced model (gm holds only bare copies of the modules
     #                                 whose attributes a functional call reads)
@@ -457,18 +484,38 @@ class _Analysis:
     def new(self, node: fx.Node, size: int, reason: str | None = None) -> Layout:
         return (_Seg(self.src.add(size, node, reason), 0, size),)
 
-    def of(self, node: Any) -> Layout | None:
-        """The layout of an argument; an unfollowed tensor gets an opaque, unprunable one."""
+    def of(self, node: Any, dim: int | None = None) -> Layout | None:
+        """The layout of an argument. A tensor the analysis does not follow (made by an op it
+        cannot follow, a tensor attribute) has no channel dim of its own: it gets an opaque,
+        unprunable layout along ``dim`` (the dim where it meets followed channels; dim 1 by
+        default), one per tensor and dim."""
         if not isinstance(node, fx.Node):
             return None
         if node in self.layout:
             return self.layout[node]
         shape = _shape(node)
-        if shape is None or len(shape) < 2:
+        d = 1 if dim is None else dim
+        if shape is None or len(shape) < 2 or not 0 <= d < len(shape):
             return None
-        self.layout[node] = self.new(
-            node, shape[1], f"{self.describe(node)} makes channels that are not followed")
-        return self.layout[node]
+        if (node, d) not in self.unfollowed:
+            why = self.free.get(node) or f"{self.describe(node)} makes channels that are not " \
+                                         "followed"
+            self.unfollowed[node, d] = self.new(node, shape[d], why)
+        return self.unfollowed[node, d]
+
+    def dim(self, node: Any) -> int:
+        """The channel dim of a followed tensor (1 for one that is not followed)."""
+        return self.cdim.get(node, 1)
+
+    def set(self, node: fx.Node, layout: Layout, cdim: int, zero: bool = False) -> None:
+        """``node``'s channels: ``layout`` along dim ``cdim``; ``zero``: zeroed input channels
+        give zero output channels."""
+        self.layout[node], self.cdim[node] = layout, cdim
+        if zero:
+            self.zero.add(node)
+
+    def follows(self, node: Any) -> bool:
+        return isinstance(node, fx.Node) and node in self.layout
 
     def poison(self, layout: Layout | None, reason: str) -> None:
         for seg in layout or ():
@@ -499,13 +546,19 @@ class _Analysis:
                 ib, pb = ib + 1, eb
 
     def unknown(self, node: fx.Node, why: str = "is an op that aofp_ext does not follow") -> None:
-        """Everything an op we cannot follow touches becomes not prunable."""
+        """Everything an op we cannot follow touches becomes not prunable; its output is not
+        followed (its channels, along whichever dim they meet followed ones, are not
+        prunable)."""
         reason = f"{self.describe(node)} {why}"
         for arg in node.all_input_nodes:
-            self.poison(self.of(arg), reason)
-        shape = _shape(node)
-        if shape is not None and len(shape) >= 2:
-            self.layout[node] = self.new(node, shape[1], reason)
+            if self.follows(arg):
+                self.poison(self.layout[arg], reason)
+        self.free[node] = reason
+
+    def unfollow(self, node: fx.Node, arg: fx.Node) -> None:
+        """``node`` is made from the tensor ``arg`` that is not followed: not followed either."""
+        self.free[node] = self.free.get(arg) or (
+            f"{self.describe(arg)} makes channels that are not followed")
 
     # -- the walk ---------------------------------------------------------------------------
 
@@ -514,10 +567,11 @@ class _Analysis:
             if node.op == "placeholder":
                 shape = _shape(node)
                 if shape is not None and len(shape) >= 2:
-                    self.layout[node] = self.new(node, shape[1], f"model input '{node.name}'")
+                    self.set(node, self.new(node, shape[1], f"model input '{node.name}'"), 1)
             elif node.op == "output":
                 for arg in node.all_input_nodes:
-                    self.poison(self.of(arg), "reaches the model output")
+                    if self.follows(arg):
+                        self.poison(self.layout[arg], "reaches the model output")
             elif node.op == "call_module":
                 self.visit_module(node)
             elif node.op == "call_function":
@@ -537,13 +591,17 @@ class _Analysis:
                     for layout in (*self.calls[other], *self.calls[name]):
                         self.poison(layout, reason)
 
-    def passthrough(self, node: fx.Node, zero: bool, act: bool = False) -> None:
-        layout = self.of(node.args[0]) if node.args else None
-        if layout is None:
-            return self.unknown(node)
-        self.layout[node] = layout
-        if zero:
-            self.zero.add(node)
+    def passthrough(self, node: fx.Node, zero: bool, act: bool = False,
+                    spatial: bool = False) -> None:
+        """An op that maps every channel to itself (element-wise; ``spatial``: over the dims
+        after dim 1 -- pools, resampling, padding -- which needs the channel dim at dim 1)."""
+        x = node.args[0] if node.args else None
+        if not self.follows(x):
+            return self.unfollow(node, x) if isinstance(x, fx.Node) else self.unknown(node)
+        if spatial and self.dim(x) != 1:
+            return self.unknown(node, f"works over dims after dim 1, but the channels are in dim "
+                                      f"{self.dim(x)}")
+        self.set(node, self.layout[x], self.dim(x), zero)
         if act:
             self.chain.add(node)
 
@@ -551,38 +609,48 @@ class _Analysis:
         m = self.module(node)
         name = str(node.target)
         x = node.args[0] if node.args else None
-        lay = self.of(x)
         if name in self.opaque:
             self.unknown(node, f"is made an opaque leaf: {self.opaque[name]}")
         elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             self.layer(node, name, m)
         elif isinstance(m, nn.GroupNorm):
             self.group_norm(node, m.num_groups)
+        elif isinstance(m, nn.LayerNorm):
+            self.layer_norm(node, m.normalized_shape)
         elif isinstance(m, nn.modules.batchnorm._NormBase) or (
                 isinstance(m, nn.PReLU) and m.num_parameters > 1):
-            if lay is None:
-                return self.unknown(node)
+            lay = self.of(x)
+            if lay is None or (self.follows(x) and self.dim(x) != 1):
+                return self.unknown(node, "normalises along dim 1, but the channels are in dim "
+                                          f"{self.dim(x)}" if lay is not None else
+                                    "is an op that aofp_ext does not follow")
             self.record_call(node, name, lay, None, "prelu" if isinstance(m, nn.PReLU) else "norm")
         elif isinstance(m, nn.Flatten):
             self.reshape(node)
         elif isinstance(m, nn.PReLU) or isinstance(m, _NONZERO_MODULES):
-            self.passthrough(node, zero=False, act=isinstance(m, _ACT_MODULES + (nn.PReLU,)))
+            self.passthrough(node, zero=False, act=isinstance(m, _ACT_MODULES + (nn.PReLU,)),
+                             spatial=isinstance(m, _SPATIAL_MODULES))
         elif isinstance(m, _ZERO_MODULES):
-            self.passthrough(node, zero=True, act=isinstance(m, _ACT_MODULES))
+            self.passthrough(node, zero=True, act=isinstance(m, _ACT_MODULES),
+                             spatial=isinstance(m, _SPATIAL_MODULES))
         else:
             self.unknown(node, "is a module type that aofp_ext does not follow")
 
     def layer(self, node: fx.Node, name: str, m: nn.Module) -> None:
         """A conv or Linear ``m`` (module ``name``) applied by ``node`` to ``node.args[0]``."""
         x = node.args[0] if node.args else None
+        shape = _shape(x)
+        if isinstance(m, nn.Linear):  # over the last dim: (N, features), tokens, channels-last
+            last = len(shape) - 1 if shape is not None else 1
+            lay = self.of(x, last)
+            if lay is None or last < 1 or (self.follows(x) and self.dim(x) != last):
+                return self.unknown(node, "is a Linear over a dim that is not the channel dim")
+            self.record_call(node, name, lay, m.out_features, "in", consumer=True, cdim=last)
+            return
         lay = self.of(x)
-        if isinstance(m, nn.Linear):
-            shape = _shape(x)
-            if lay is None or shape is None or len(shape) != 2:
-                return self.unknown(node, "is a Linear on a tensor that is not (N, features)")
-            self.record_call(node, name, lay, m.out_features, "in", consumer=True)
-        elif lay is None or m.transposed:
-            self.unknown(node, "is a transposed conv, not followed" if m.transposed
+        if lay is None or m.transposed or (self.follows(x) and self.dim(x) != 1):
+            self.unknown(node, "is a transposed conv, not followed" if m.transposed else
+                         f"is a conv, but the channels are in dim {self.dim(x)}" if lay is not None
                          else "is an op that aofp_ext does not follow")
         elif m.groups == 1:
             self.record_call(node, name, lay, m.out_channels, "in", consumer=True)
@@ -613,30 +681,40 @@ class _Analysis:
         self.layer(node, owner, m)
 
     def record_call(self, node: fx.Node, name: str, lay: Layout, out_size: int | None,
-                    role: str, *, consumer: bool = False) -> None:
+                    role: str, *, consumer: bool = False, cdim: int = 1) -> None:
         """A module with parameters: ``out_size`` channels out (None: channel-wise, passes ``lay``
-        through), ``role`` for its input dim. A module called again is coupled to its first call."""
+        through), ``role`` for its input dim, the channels in dim ``cdim`` of its input and
+        output. A module called again is coupled to its first call."""
         if name in self.calls:
             first_in, first_out = self.calls[name]
             self.unify(first_in, lay, node)
-            self.layout[node] = lay if out_size is None else first_out
+            self.set(node, lay if out_size is None else first_out, cdim)
         else:
             out = lay if out_size is None else self.new(node, out_size)
-            self.layout[node] = out
+            self.set(node, out, cdim)
             self.calls[name] = (lay, out)
             self.axes.append(_Axis(name, role, lay))
             if out_size is not None:
                 self.axes.append(_Axis(name, "out", out))
+        shape = _shape(node)
+        if out_size is not None and shape is not None and len(shape) > 2:
+            self.spatial.add(name)
         if consumer:
             self.consumers.add(node)
-            self.consumed.append((node.args[0], lay))
+            self.consumed.append((node.args[0], lay, cdim))
         else:
             self.chain.add(node)
 
     def visit_function(self, node: fx.Node) -> None:
         t = node.target
         if t in _ZERO_FUNCTIONS:
-            self.passthrough(node, zero=True, act=t in _ACT_FUNCTIONS)
+            self.passthrough(node, zero=True, act=t in _ACT_FUNCTIONS,
+                             spatial=t in _SPATIAL_FUNCTIONS)
+        elif t in _PERMUTE_FUNCTIONS:
+            self.permute(node)
+        elif t is F.layer_norm:
+            shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+            self.layer_norm(node, shape)
         elif t in _NONZERO_FUNCTIONS:
             self.passthrough(node, zero=False, act=t in _ACT_FUNCTIONS)
         elif t in _BINARY_FUNCTIONS:
@@ -672,6 +750,10 @@ class _Analysis:
             self.meta.add(node)
         elif t in ("split", "chunk"):
             self.split(node, chunks=t == "chunk")
+        elif t in _PERMUTE_METHODS:
+            self.permute(node)
+        elif t in ("expand", "expand_as"):
+            self.expand(node)
         elif t in _ZERO_METHODS:
             self.passthrough(node, zero=True, act=t in _ACT_METHODS)
         elif t in _NONZERO_METHODS:
@@ -687,94 +769,185 @@ class _Analysis:
 
     # -- the op families ---------------------------------------------------------------------
 
+    def permute(self, node: fx.Node) -> None:
+        """``permute`` / ``transpose`` / ``swapaxes``: the channel dim moves with its dim
+        (ConvNeXt's and the transformers' channels-last blocks)."""
+        x, out = node.args[0], _shape(node)
+        if not self.follows(x):
+            return self.unfollow(node, x)
+        n = len(out) if out is not None else 0
+        rest = [*node.args[1:], *node.kwargs.values()]
+        if node.target in ("permute", torch.permute):
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            if (not n or not all(isinstance(d, int) for d in dims)
+                    or sorted(d % n for d in dims) != list(range(n))):
+                return self.unknown(node, "permutes dims that are computed")
+            order = [d % n for d in dims]
+        else:
+            if len(rest) != 2 or not all(isinstance(d, int) for d in rest) or not n:
+                return self.unknown(node, "swaps dims that are computed")
+            order = list(range(n))
+            a, b = rest[0] % n, rest[1] % n
+            order[a], order[b] = order[b], order[a]
+        self.set(node, self.layout[x], order.index(self.dim(x)), zero=True)
+
+    def expand(self, node: fx.Node) -> None:
+        """``expand``: size-1 dims repeated, new dims in front; the channel dim keeps its size."""
+        x, src, out = node.args[0], _shape(node.args[0]), _shape(node)
+        if not self.follows(x):
+            return self.unfollow(node, x)
+        if src is None or out is None:
+            return self.unknown(node)
+        d = self.dim(x) + len(out) - len(src)
+        if out[d] != src[self.dim(x)]:
+            return self.unknown(node, "repeats the channel dim")
+        self.set(node, self.layout[x], d, zero=True)
+
+    def layer_norm(self, node: fx.Node, normalized_shape: Any) -> None:
+        """LayerNorm normalises over its last dims: over the channel dim, removing channels
+        changes the statistics of the others, so those channels are not prunable (the channels
+        of ConvNeXt's and the transformers' residual streams); over other dims it keeps channels
+        apart."""
+        x, shape = node.args[0], _shape(node)
+        n = len(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) \
+            else 1
+        if not self.follows(x):
+            return self.unfollow(node, x)
+        if shape is None:
+            return self.unknown(node)
+        if self.dim(x) >= len(shape) - n:
+            self.poison(self.layout[x], f"{self.describe(node)} normalises over the channel dim "
+                                        "(a layer norm): removing channels changes the "
+                                        "statistics of the others")
+        self.set(node, self.layout[x], self.dim(x))
+
     def binary(self, node: fx.Node) -> None:
-        """Element-wise with broadcasting: operands that span dim 1 are coupled."""
+        """Element-wise with broadcasting: operands that span the channel dim are coupled; a
+        followed operand that is constant over it (an SE gate, a spatial map) is not."""
         out = _shape(node)
         if out is None or len(out) < 2:
             return self.unknown(node)
+        args = [a for a in node.args[:2] if _shape(a) is not None]
+        followed = [a for a in args if self.follows(a)]
+        dims = {self.dim(a) + len(out) - len(_shape(a)) for a in followed
+                if _shape(a)[self.dim(a)] != 1 or out[self.dim(a) + len(out) - len(_shape(a))] == 1}
+        if len(dims) > 1:
+            return self.unknown(node, "meets channels in different dims")
+        if not dims:
+            return self.unfollow(node, args[0]) if args else self.unknown(node)
+        cd = dims.pop()
         full: list[Layout] = []
-        for arg in node.args[:2]:
+        for arg in args:
             shape = _shape(arg)
-            if shape is None:
-                continue
-            d = 1 - (len(out) - len(shape))  # the operand dim aligned with the channel dim
-            if d < 0 or (shape[d] == 1 and out[1] != 1):
+            d = cd - (len(out) - len(shape))  # the operand dim aligned with the channel dim
+            if d < 0 or (shape[d] == 1 and out[cd] != 1):
                 continue  # constant over channels
-            lay = self.of(arg)
-            if d != 1 or lay is None:
+            if self.follows(arg) and self.dim(arg) != d:
                 return self.unknown(node, "broadcasts a tensor across the channel dim")
-            full.append(lay)
-        if not full:
-            return self.unknown(node)
+            full.append(self.of(arg, d))
         for other in full[1:]:
             self.unify(full[0], other, node)
-        self.layout[node] = full[0]
+        self.set(node, full[0], cd)
 
     def cat(self, node: fx.Node) -> None:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         out = _shape(node)
-        layouts = [self.of(t) for t in tensors]
-        if out is None or any(lay is None for lay in layouts) or not isinstance(dim, int):
+        if out is None or not isinstance(dim, int) or not isinstance(tensors, (list, tuple)):
             return self.unknown(node)
-        if dim % len(out) == 1:
-            self.layout[node] = tuple(seg for lay in layouts for seg in lay)
-            self.zero.add(node)
+        followed = [t for t in tensors if self.follows(t)]
+        dims = {self.dim(t) for t in followed}
+        if len(dims) > 1:
+            return self.unknown(node, "meets channels in different dims")
+        if not dims:
+            return self.unfollow(node, tensors[0]) if tensors else self.unknown(node)
+        cd = dims.pop()
+        layouts = [self.of(t, cd) for t in tensors]
+        if any(lay is None for lay in layouts):
+            return self.unknown(node)
+        if dim % len(out) == cd:
+            self.set(node, tuple(seg for lay in layouts for seg in lay), cd, zero=True)
         else:
             for lay in layouts[1:]:
                 self.unify(layouts[0], lay, node)
-            self.layout[node] = layouts[0]
+            self.set(node, layouts[0], cd)
 
     def reshape(self, node: fx.Node) -> None:
-        """view / reshape / flatten / squeeze / unsqueeze, judged by shapes."""
-        src, out = _shape(node.args[0]), _shape(node)
-        lay = self.of(node.args[0])
-        if src is None or out is None or lay is None or len(src) < 2 or len(out) < 2:
+        """view / reshape / flatten / squeeze / unsqueeze, judged by shapes: the channel dim
+        survives as a dim of its own (same size, same number of elements after it), or is
+        flattened with every dim after it into the last dim (each channel then owns a block of
+        positions, e.g. ``flatten`` before a Linear)."""
+        x = node.args[0]
+        src, out = _shape(x), _shape(node)
+        if not self.follows(x):
+            return self.unfollow(node, x) if isinstance(x, fx.Node) else self.unknown(node)
+        lay, cd = self.layout[x], self.dim(x)
+        if src is None or out is None or len(out) < 2:
             return self.unknown(node)
-        if out[:2] == src[:2]:
-            self.layout[node] = lay  # every channel keeps its own elements
-        elif len(out) == 2 and out[0] == src[0] and out[1] == prod(src[1:]):
-            spatial = prod(src[2:])  # flatten from dim 1: each channel owns a block
-            self.layout[node] = tuple(s._replace(block=s.block * spatial) for s in lay)
-        else:
-            return self.unknown(node, "reshapes across the channel dim")
-        self.zero.add(node)
+        after = prod(src[cd + 1:])
+        same = [j for j in range(len(out)) if out[j] == src[cd] and prod(out[j + 1:]) == after]
+        if same:
+            return self.set(node, lay, same[0], zero=True)  # every channel keeps its elements
+        j = len(out) - 1
+        if out[j] == prod(src[cd:]) and j >= 1:  # flattened into the last dim, as blocks
+            return self.set(node, tuple(s._replace(block=s.block * after) for s in lay), j,
+                            zero=True)
+        self.unknown(node, "reshapes across the channel dim")
 
     def reduce(self, node: fx.Node) -> None:
-        src, out = _shape(node.args[0]), _shape(node)
+        x = node.args[0]
+        src, out = _shape(x), _shape(node)
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = [dims] if isinstance(dims, int) else dims
+        if not self.follows(x):
+            return self.unfollow(node, x) if isinstance(x, fx.Node) else self.unknown(node)
+        cd = self.dim(x)
         if (src is None or out is None or len(out) < 2 or not isinstance(dims, (list, tuple))
-                or {d % len(src) for d in dims} & {0, 1}):
+                or {d % len(src) for d in dims} & {0, cd}):
             return self.unknown(node)
-        self.passthrough(node, zero=True)
+        gone = 0 if len(out) == len(src) else sum(d % len(src) < cd for d in dims)
+        self.set(node, self.layout[x], cd - gone, zero=True)
 
     def getitem(self, node: fx.Node) -> None:
-        src, out = _shape(node.args[0]), _shape(node)
-        if node.args[0] in self.pieces and isinstance(node.args[1], int):
-            self.layout[node] = self.pieces[node.args[0]][node.args[1]]
-            self.zero.add(node)
-            return
+        x, idx = node.args[0], node.args[1]
+        src = _shape(x)
+        if x in self.pieces and isinstance(idx, int):
+            if isinstance(self.pieces[x], str):
+                return self.free.__setitem__(node, self.pieces[x])
+            return self.set(node, self.pieces[x][idx], self.cdim[x], zero=True)
         if src is None:  # indexing a tuple (or a shape): tensors from an op we did not follow
-            if out is not None and len(out) >= 2 and isinstance(node.args[0], fx.Node):
-                what = self.describe(node.args[0])
-                self.layout[node] = self.new(node, out[1], f"{what} makes channels that are "
-                                                           "not followed")
+            if isinstance(x, fx.Node):
+                self.unfollow(node, x)
             return
-        idx = node.args[1]
-        full = slice(None)
-        if not (isinstance(idx, tuple) and len(idx) >= 2 and idx[0] == full
-                and isinstance(idx[1], slice) and out is not None and len(out) == len(src)
-                and all(isinstance(i, slice) or i is Ellipsis for i in idx[2:])):
+        if not self.follows(x):
+            return self.unfollow(node, x)
+        cd = self.dim(x)
+        entries = list(idx) if isinstance(idx, tuple) else [idx]
+        if sum(e is Ellipsis for e in entries) > 1 or not all(
+                e is None or e is Ellipsis or isinstance(e, (int, slice)) for e in entries):
+            return self.unknown(node, "indexes a tensor with tensors or lists")
+        if Ellipsis in entries:
+            k = entries.index(Ellipsis)
+            fill = len(src) - sum(e is not None for e in entries) + 1
+            entries[k:k + 1] = [slice(None)] * fill
+        entries += [slice(None)] * (len(src) - sum(e is not None for e in entries))
+        dim_in = dim_out = 0  # source dims consumed, output dims made, before the channel dim
+        for e in entries:
+            if e is not None and dim_in == cd:
+                break
+            dim_in += e is not None
+            dim_out += not isinstance(e, int)
+        if isinstance(e, int):
             return self.unknown(node, "indexes the channel dim")
-        if idx[1] == full:  # spatial indexing only
-            return self.passthrough(node, zero=True)
-        self.channel_slice(node, idx[1], src[1])
+        if e == slice(None):  # the channel dim untouched
+            return self.set(node, self.layout[x], dim_out, zero=True)
+        self.channel_slice(node, e, src[cd], dim_out)
 
-    def channel_slice(self, node: fx.Node, sl: slice, width: int) -> None:
+    def channel_slice(self, node: fx.Node, sl: slice, width: int, cdim: int) -> None:
         """``x[:, a:b]`` with bounds fixed in code: stays right after a cut only if no channel
         before ``b`` goes, so the channels there are not prunable (the ones after it are dropped
-        by the slice anyway). ``x[:, :b]`` with ``b >= width`` stays the whole tensor."""
+        by the slice anyway). ``x[:, :b]`` with ``b >= width`` stays the whole tensor. ``cdim``:
+        the channel dim of the result."""
         lay = self.of(node.args[0])
         a, b, step = sl.start or 0, width if sl.stop is None else sl.stop, sl.step or 1
         ints = all(isinstance(v, int) for v in (a, b, step))
@@ -782,11 +955,10 @@ class _Analysis:
             return self.unknown(node, "indexes the channel dim (negative, strided or computed "
                                       "bounds)")
         if a == 0 and b >= width:
-            return self.passthrough(node, zero=True)
+            return self.set(node, lay, cdim, zero=True)
         self.poison(_cut(lay, 0, min(b, width)),
                     f"{self.describe(node)} slices the channel dim at bounds fixed in code")
-        self.layout[node] = _cut(lay, a, min(b, width))
-        self.zero.add(node)
+        self.set(node, _cut(lay, a, min(b, width)), cdim, zero=True)
 
     def split(self, node: fx.Node, chunks: bool) -> None:
         """``split`` / ``chunk``: each piece (taken by ``getitem``) gets its part of the layout.
@@ -795,16 +967,21 @@ class _Analysis:
         ``split`` sizes are fixed in code, so the channels it splits are not prunable."""
         metas = node.meta.get("tensor_meta")
         x = node.args[0]
-        src, lay = _shape(x), self.of(x)
+        if not self.follows(x):
+            self.unfollow(node, x)
+            self.pieces[node] = self.free[node]
+            return
+        src, lay, cd = _shape(x), self.layout[x], self.dim(x)
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        if (src is None or lay is None or not isinstance(dim, int) or len(src) < 2 or _blocked(lay)
+        if (src is None or not isinstance(dim, int) or len(src) < 2 or _blocked(lay)
                 or not isinstance(metas, (tuple, list))
                 or not all(isinstance(m, TensorMetadata) for m in metas)):
             return self.unknown(node)
-        if dim % len(src) != 1:
+        self.cdim[node] = cd
+        if dim % len(src) != cd:
             self.pieces[node] = [lay] * len(metas)
             return
-        widths = [int(m.shape[1]) for m in metas]
+        widths = [int(m.shape[cd]) for m in metas]
         n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
         if chunks and isinstance(n, int) and len(widths) == n and len(set(widths)) == 1:
             self.parts.append((lay, n, node))
@@ -823,7 +1000,11 @@ class _Analysis:
         ``running_mean`` / ``running_var`` / ``weight`` / ``bias`` attributes."""
         args = dict(zip(_NORM_ARGS, node.args))
         args.update({k: v for k, v in node.kwargs.items() if k in _NORM_ARGS})
-        lay = self.of(args.pop("input", None))
+        x = args.pop("input", None)
+        if self.follows(x) and self.dim(x) != 1:
+            return self.unknown(node, f"normalises along dim 1, but the channels are in dim "
+                                      f"{self.dim(x)}")
+        lay = self.of(x)
         owners = set()
         for k, v in args.items():
             if v is None:
@@ -857,8 +1038,8 @@ class _Analysis:
         value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
         if src is None or not isinstance(pads, (tuple, list)):
             return self.unknown(node)
-        k = 2 * (len(src) - 2)  # pad entries that touch spatial dims only
-        if any(pads[k:]):
+        k = 2 * (len(src) - 1 - self.dim(node.args[0]))  # the pad entries of the channel dim
+        if any(pads[k:k + 2]):
             return self.unknown(node, "pads the channel dim (a ResNet option-A shortcut?) by "
                                       "widths fixed in code")
         self.passthrough(node, zero=mode != "constant" or not value)
@@ -919,6 +1100,7 @@ class _Analysis:
                 reason="; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)"
                                                  if len(reasons) > 3 else "") or None,
                 granularity=gran.get(root, 1),
+                spatial=any(s.module in self.spatial for s in outs),
             ))
 
     def mask_point(self, members: list[int], root: int) -> fx.Node | None:
@@ -1084,15 +1266,16 @@ def axis_positions(analysis: _Analysis, layout: Layout,
 
 
 class _MaskingInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, masks: dict[str, torch.Tensor]):
+    def __init__(self, gm: fx.GraphModule, masks: dict[str, tuple[torch.Tensor, int]]):
         super().__init__(gm)
-        self.masks = masks
+        self.masks = masks  # node name -> (mask, the channel dim it applies along)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        mask = self.masks.get(n.name)
-        if mask is not None:
-            shape = (1, -1) + (1,) * (out.dim() - 2)
+        if n.name in self.masks:
+            mask, dim = self.masks[n.name]
+            shape = [1] * out.dim()
+            shape[dim] = -1
             out = out * mask.to(out.device, out.dtype).view(shape)
         return out
 
@@ -1109,23 +1292,23 @@ def masked_forward(model: nn.Module, plan: Plan, *inputs: torch.Tensor,
     analysis = analyze(model, inputs, leaf_modules)
     keeps = resolve_plan(analysis, plan)
     nodes = {n.name: n for n in analysis.gm.graph.nodes}
-    at: dict[fx.Node, None] = {}  # an ordered set
+    at: dict[fx.Node, tuple[Layout, int]] = {}  # an ordered set, with layouts and channel dims
     for group in analysis.groups:
         if analysis.roots[group.name] not in keeps:
             continue
         if group.mask_point is not None:
-            at[nodes[group.mask_point]] = None
+            node = nodes[group.mask_point]
+            at[node] = (analysis.layout[node], analysis.dim(node))
         else:
             root = analysis.roots[group.name]
-            for node, layout in analysis.consumed:
+            for node, layout, dim in analysis.consumed:
                 if any(analysis.src.find(s.src)[0] == root for s in layout):
-                    at[node] = None
+                    at[node] = (layout, dim)
     masks = {}
-    for node in at:
-        layout = analysis.layout[node]
+    for node, (layout, dim) in at.items():
         kept = axis_positions(analysis, layout, keeps)
         if kept is not None:
             m = torch.zeros(_width(layout))
             m[kept] = 1.0
-            masks[node.name] = m
+            masks[node.name] = (m, dim)
     return _MaskingInterpreter(analysis.gm, masks).run(*inputs)

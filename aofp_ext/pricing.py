@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from math import prod
 from typing import Any
 
 import torch
@@ -25,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .graph import ChannelGroup, Inputs, _as_tuple, run_quietly
+from .flops import forward_macs, layer_macs
+from .graph import ChannelGroup, Inputs
 from .search import LayerSearch
 
 __all__ = ["Consumer", "Link", "Target", "find_follower", "consumer_for", "link", "price",
@@ -85,6 +85,8 @@ class Consumer:
     def output_norm2(self, y: torch.Tensor) -> float:
         """``||f(y)||^2`` of the unmasked follower output, ``f`` = norm then post."""
         y = y.detach().float()
+        if isinstance(self.module, nn.Linear):
+            y = y.reshape(-1, y.shape[-1])
         scale, shift, eps = self.norm_terms()
         if self.norm == "batch" and self.post == "none":
             # sum over positions of (g z + b)^2 with z normalised: mean 0, mean z^2 = v/(v+eps)
@@ -106,12 +108,17 @@ class Consumer:
 
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         x = args[0]
+        last = isinstance(self.module, nn.Linear)  # channels in the last dim, else in dim 1
         if self.keep is not None:  # (width,) for the whole batch, or (N, width) per sample
             k = self.keep.to(x.dtype)
-            x = x * (k.view((1, -1) + (1,) * (x.dim() - 2)) if k.dim() == 1
-                     else k.view(k.shape + (1,) * (x.dim() - 2)))
-        if self.capture:
-            self._x = x.detach()
+            if last:
+                x = x * (k if k.dim() == 1 else
+                         k.view(k.shape[:1] + (1,) * (x.dim() - 2) + k.shape[1:]))
+            else:
+                x = x * (k.view((1, -1) + (1,) * (x.dim() - 2)) if k.dim() == 1
+                         else k.view(k.shape + (1,) * (x.dim() - 2)))
+        if self.capture:  # a Linear over maps or tokens prices as one over every position
+            self._x = (x.reshape(-1, x.shape[-1]) if last else x).detach()
         return (x, *args[1:]) if self.keep is not None else None
 
     def post_hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -314,25 +321,17 @@ class MacsModel:
 
         def hook(name: str) -> Callable:
             def fn(m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-                if isinstance(m, nn.Linear):
-                    base[name] = base.get(name, 0) + out.numel() * m.in_features
-                else:
-                    base[name] = base.get(name, 0) + out.numel() * (
-                        m.in_channels // m.groups) * prod(m.kernel_size)
+                base[name] = base.get(name, 0) + layer_macs(m, out)
             return fn
 
-        handles = []
-        for name, m in model.named_modules():
-            if (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed) or isinstance(
-                    m, nn.Linear):
-                handles.append(m.register_forward_hook(hook(name)))
-        try:
-            run_quietly(model, lambda *x: model(*x), _as_tuple(example_inputs))
-        finally:
-            for h in handles:
-                h.remove()
+        hooks = {m: hook(name) for name, m in model.named_modules()
+                 if (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed)
+                 or isinstance(m, nn.Linear)}
+        total = forward_macs(model, example_inputs, hooks)
+        # MACs outside conv/Linear modules (attention products, functional layers): never cut
+        self.fixed = max(total - sum(base.values()), 0)
         self.base = base
-        self.total = sum(base.values())
+        self.total = self.fixed + sum(base.values())
         # module -> [(dim size, [(target index, channel per position)])] for its in / out dims
         self.terms: dict[str, dict[str, Any]] = {}
         for i, t in enumerate(targets):
@@ -354,7 +353,7 @@ class MacsModel:
 
     def current(self, alive: list[torch.Tensor] | None = None) -> int:
         alive = alive if alive is not None else [t.search.alive for t in self.targets]
-        total = 0
+        total = self.fixed
         for name, m0 in self.base.items():
             entry = self.terms.get(name)
             if entry is None:
@@ -396,12 +395,15 @@ def select_targets(groups: Sequence[ChannelGroup], targets: Any,
         return any(s.role == "out" and isinstance(model.get_submodule(s.module),
                                                   nn.modules.conv._ConvNd) for s in g.producers)
 
+    def searchable(g: ChannelGroup) -> bool:  # filters: of a conv, or of a Linear over positions
+        return g.spatial
+
     if isinstance(targets, str):
         if targets not in ("auto", "all"):
             raise ValueError(f"targets must be 'auto', 'all' or a list of group names, got "
                              f"{targets!r}")
         chosen = [g for g in groups if g.prunable and g.consumers and g.size >= 2
-                  and conv_made(g) and g.granularity == 1
+                  and searchable(g) and g.granularity == 1
                   and (targets == "all" or g.mask_point is not None)]
         if not chosen:
             why = "; ".join(f"'{g.name}': {_why_not(g)}" for g in groups if conv_made(g))[:600]

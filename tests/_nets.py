@@ -152,3 +152,34 @@ def random_plan(groups, generator: torch.Generator) -> dict[str, torch.Tensor]:
                     keep.add(own[int(torch.randint(s.length, (), generator=generator))])
             plan[g.name] = torch.tensor(sorted(keep))
     return plan
+
+
+class TokenNet(nn.Module):
+    """A small vision transformer / ConvNeXt mix: a conv patch embedding made tokens by
+    ``flatten(2).transpose(1, 2)``, LayerNorm over the channels (the residual stream is not
+    prunable), two MLP blocks of Linears over the tokens (GELU, and ReLU after the second
+    Linear), a ConvNeXt block in channels-last (``permute`` -> Linear -> GELU -> Linear ->
+    ``permute``, a layer scale), and a head on the class token."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 12), nn.Linear(12, dim)
+        self.fc3, self.fc4 = nn.Linear(dim, 10), nn.Linear(10, 6)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.pw1, self.pw2 = nn.Linear(6, 14), nn.Linear(14, 6)
+        self.scale = nn.Parameter(torch.rand(6, 1, 1) + 0.5)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, c, h, w = x.shape
+        t = self.norm(x.flatten(2).transpose(1, 2))                      # (N, h * w, dim)
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        t = torch.relu(self.fc4(torch.relu(self.fc3(self.norm(t)))))     # (N, h * w, 6)
+        y = t.transpose(1, 2).reshape(n, 6, h, w)
+        z = self.dw(y).permute(0, 2, 3, 1)                               # channels-last
+        z = self.pw2(F.gelu(self.pw1(z))).permute(0, 3, 1, 2)
+        y = y + self.scale * z
+        return self.head(y.flatten(2).transpose(1, 2)[:, 0])

@@ -52,8 +52,8 @@ def input_size(source: str, name: str) -> int:
     """A small input the model accepts (64, or what its architecture needs)."""
     if name == "vit_h_14":
         return 56  # built for 56 x 56 (a multiple of its patch size)
-    if name == "maxvit_t":
-        return 224  # its partitions need the full size
+    if name == "maxvit_t" or name.startswith("swin"):
+        return 224  # its partitions (windows) need the full size
     if name.startswith(("inception", "xception")):
         return 96
     return 64

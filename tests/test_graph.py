@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _nets import CatNet, FlattenNet, ProjectionNet, calibrate, conv_bn, random_plan
+from _nets import CatNet, FlattenNet, ProjectionNet, TokenNet, calibrate, conv_bn, random_plan
 
 import aofp_ext
 from aofp_ext.graph import ChannelGraphError, ChannelSlot, OpaqueModuleWarning
@@ -198,9 +198,9 @@ def test_reasons_name_the_op() -> None:
     assert groups["d.0"].prunable and groups["d.0"].granularity == 2
     assert "module 'dw2' (Conv2d) has one channel per group (6 groups)" in reason["grouped"]
     assert "module 'gn' (GroupNorm) is a group norm (num_groups=2)" in reason["dw2"]
-    assert "'.transpose()'" in reason["e.0"]
-    assert [n for n, g in groups.items() if g.prunable] == ["c.0", "d.0"]  # softmax feeds c.0,
-    prune_matches_preview(Odd(), torch.randn(4, 3, 8, 8))                  # its output is plain
+    assert groups["e.0"].prunable  # a transpose of spatial dims keeps the channels apart
+    assert [n for n, g in groups.items() if g.prunable] == ["c.0", "d.0", "e.0"]  # softmax feeds
+    prune_matches_preview(Odd(), torch.randn(4, 3, 8, 8))                  # c.0, its output is plain
 
 
 def test_tied_weights_are_not_cut() -> None:
@@ -561,3 +561,73 @@ def test_the_search_skips_groups_with_a_granularity() -> None:
     with pytest.raises(ValueError, match=r"channel group 'a.0': its keep-set must keep equal "
                                          r"counts in equal parts .* \(granularity 4\)"):
         select_targets(groups, ["c.0", "a.0"], model)
+
+
+# ---- channels-last maps and tokens ---------------------------------------------------------------
+
+
+def test_tokens_and_channels_last_are_followed() -> None:
+    """Linears over tokens and channels-last maps, ``permute`` / ``transpose`` / ``reshape``
+    moving the channel dim, a class-token ``[:, 0]``: the MLP hidden groups are prunable and cut
+    exactly; LayerNorm over the channels and a layer scale make the residual streams not
+    prunable, with reasons naming them."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 16, 16)
+    groups = by_name(TokenNet(), x)
+    assert [n for n, g in groups.items() if g.prunable] == ["fc1", "fc3", "pw1"]
+    assert all(groups[n].spatial for n in ("fc1", "fc3", "pw1"))
+    assert "module 'norm' (LayerNorm) normalises over the channel dim" in groups["embed"].reason
+    assert "tensor attribute 'scale'" in groups["fc4"].reason
+    assert {(s.module, s.role) for s in groups["pw1"].producers} == {("pw1", "out")}
+    assert {(s.module, s.role) for s in groups["pw1"].consumers} == {("pw2", "in")}
+    model = TokenNet()
+    with torch.no_grad():
+        full = model(x)
+        plan = prune_matches_preview(model, x, seed=4)
+    assert set(plan) == {"fc1", "fc3", "pw1"}
+    assert (model.fc1.out_features, model.fc3.out_features, model.pw1.out_features) == tuple(
+        len(plan[n]) for n in ("fc1", "fc3", "pw1"))
+    assert not torch.allclose(model(x), full)  # the cut changed the output: the masks mattered
+
+
+class WrongDims(nn.Module):
+    """Ops that read the channels along the wrong dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv1d(3, 6, 1)
+        self.lin, self.d = nn.Linear(4, 5), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x).permute(0, 2, 3, 1)                 # channels-last ...
+        y = F.max_pool2d(y, 2)                            # ... pooled over W and C
+        z = self.b(self.a(x).permute(0, 2, 1, 3))         # a conv reading H as channels
+        u = self.lin(self.c(x.flatten(2))[..., :4])       # a Linear over positions, not channels
+        return y.sum() + z.sum() + u.sum() + self.d(self.a(x)).sum()
+
+
+def test_channel_dim_mismatches_are_not_followed() -> None:
+    groups = by_name(WrongDims(), torch.randn(2, 3, 8, 8))
+    reason = groups["a"].reason
+    assert "works over dims after dim 1, but the channels are in dim 3" in reason
+    assert "is a conv, but the channels are in dim 2" in reason
+    assert "is a Linear over a dim that is not the channel dim" in groups["c"].reason
+
+
+def test_flops_count_attention() -> None:
+    """count_flops counts what nn.MultiheadAttention does (its inference fast path is one fused
+    op): projections, scores and the weighted sum."""
+    e, t, n = 16, 5, 2
+    model = nn.MultiheadAttention(e, 2, batch_first=True)
+    x = torch.randn(n, t, e)
+
+    class Self(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = model
+
+        def forward(self, x):
+            return self.att(x, x, x, need_weights=False)[0]
+
+    want = n * (4 * t * e * e + 2 * t * t * e)
+    assert aofp_ext.count_flops(Self(), x)[0] == want

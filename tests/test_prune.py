@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _nets import ProjectionNet
+from _nets import ProjectionNet, TokenNet
 from _nets import mnist_small as _mnist_small
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -62,8 +62,9 @@ def _reference_t(model, target, x_in, masks, base_keep, bn_eval: bool) -> torch.
                 if c2 is c:
                     keep[link.pos_full] *= mask[link.chan_full].float()
                 hooks.append(c2.module.register_forward_pre_hook(
-                    lambda mod, args, keep=keep: (
-                        args[0] * keep.view((1, -1) + (1,) * (args[0].dim() - 2)),)))
+                    lambda mod, args, keep=keep: (args[0] * (
+                        keep if isinstance(mod, nn.Linear)  # over the last dim
+                        else keep.view((1, -1) + (1,) * (args[0].dim() - 2))),)))
             last = c.bn if c.bn is not None else c.module
             hooks.append(last.register_forward_hook(
                 lambda mod, args, out: feats.__setitem__("y", out.detach().double().clone())))
@@ -101,7 +102,8 @@ def _targets(model, example, names, bn_mode):
     return out, consumers
 
 
-@pytest.mark.parametrize("case", ["lenet-batch", "lenet-running", "resnet8", "projection-all"])
+@pytest.mark.parametrize("case", ["lenet-batch", "lenet-running", "resnet8", "projection-all",
+                                  "tokens"])
 def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
     torch.manual_seed(0)
     if case.startswith("lenet"):
@@ -110,6 +112,9 @@ def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
     elif case == "resnet8":
         model, x = resnet_cifar(8), torch.randn(8, 3, 32, 32)
         names = ["layer1.0.conv1", "layer3.0.conv1"]
+    elif case == "tokens":  # Linears over tokens and channels-last maps, post none and ReLU
+        model, x = TokenNet(), torch.randn(4, 3, 16, 16)
+        names = ["fc1", "fc3", "pw1"]
     else:  # a residual stream coupled through adds, read by a conv and the Linear; and a
         # group read by two convs
         model, x = ProjectionNet(), torch.randn(8, 3, 16, 16)
@@ -142,6 +147,9 @@ def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
     if case == "projection-all":
         assert [link.consumer.name for link in tgts[0].links] == ["b2.0", "fc"]
         assert [link.consumer.name for link in tgts[1].links] == ["b1.0", "b1_short.0"]
+    if case == "tokens":
+        assert [(c.name, c.post) for c in consumers.values()] == [
+            ("fc2", "none"), ("fc4", "relu"), ("pw2", "none")]
     if case == "lenet-batch":
         assert [(c.norm, c.post) for c in consumers.values()] == [("batch", "relu"),
                                                                   ("none", "relu")]

@@ -28,7 +28,7 @@ QUICK = {
     "torchvision": ("resnet18", "resnext50_32x4d", "regnet_x_400mf", "regnet_y_400mf",
                     "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5",
                     "shufflenet_v2_x0_5", "squeezenet1_1", "googlenet", "alexnet",
-                    "convnext_tiny"),
+                    "convnext_tiny", "vit_b_32"),
     "timm": ("efficientnet_lite0", "mobilenetv3_large_100", "cspresnet50", "repvgg_a0",
              "fbnetc_100", "dpn68", "vgg11", "seresnext26d_32x4d", "regnety_002",
              "ghostnet_100", "res2net50_26w_4s", "dla34"),
@@ -37,10 +37,6 @@ QUICK = {
 
 #: Families with no prunable conv group yet, and the op their reasons must name.
 NOT_FOLLOWED = {
-    "vit_": "is an op that aofp_ext does not follow",
-    "swin_": "aofp_ext does not follow",
-    "maxvit_": "aofp_ext does not follow",
-    "convnext": "'.permute()'",
     "nf_": "applies a weight that is not a conv/Linear module's own attribute",  # weight std.
 }
 
