@@ -45,10 +45,11 @@ def make_plan(model: nn.Module, example: tuple[torch.Tensor, ...], s: Settings) 
     """Targets (``s.targets``), followers, MACs; a ``ValueError`` when ``s.target_flops`` is
     below what the searched groups can reach."""
     analysis = analyze(model, example)
-    groups = select_targets(analysis.groups, s.targets, model)
+    groups = select_targets(analysis.groups, s.targets, model, search_parts=s.criterion is None)
     starts = start_steps(len(groups), s.iters_per_half, s.warmup_iters)
     searches = [LayerSearch(g.name, g.size, start=start, iters_per_half=s.iters_per_half,
-                            thresh=float(s.thresh)) for g, start in zip(groups, starts)]
+                            thresh=float(s.thresh), parts=g.granularity)
+                for g, start in zip(groups, starts)]
     targets, consumers = build_targets(model, analysis.gm, groups, s.pricing_bn_mode, searches)
     macs = MacsModel(model, example, targets)
     macs_before, params_before = count_flops(model, example)
