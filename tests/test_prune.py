@@ -515,3 +515,20 @@ def test_criteria_still_skip_groups_with_a_granularity() -> None:
     assert r["targets"] == ["stem.0", "left.0", "right.0"]
     with pytest.raises(ValueError, match="'reduce.0'.*method='aofp' searches it"):
         aofp_ext.prune(TinyResNeXt(), data, method="l1", targets=["reduce.0"], **kw)
+
+
+def test_resnext50_auto_targets_its_grouped_conv_groups() -> None:
+    # torchvision's ResNeXt-50 (32x4d): every bottleneck's conv1 (read by the grouped conv2) and
+    # conv2 (the grouped conv's own output) groups have granularity 32; "auto" searches them all
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnext50_32x4d(weights=None).eval()
+    groups = aofp_ext.channel_groups(model, torch.zeros(1, 3, 64, 64))
+    names = {g.name for g in pricing.select_targets(groups, "auto", model)}
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "Bottleneck"]
+    assert len(blocks) == 16
+    for b in blocks:
+        assert {f"{b}.conv1", f"{b}.conv2"} <= names
+    by_name = {g.name: g for g in groups}
+    assert {by_name[f"{b}.conv{i}"].granularity for b in blocks for i in (1, 2)} == {32}
+    assert all(g.granularity == 1  # the criteria's selection
+               for g in pricing.select_targets(groups, "auto", model, search_parts=False))
