@@ -29,7 +29,7 @@ from .graph import ChannelGroup, Inputs, _as_tuple, run_quietly
 from .search import LayerSearch
 
 __all__ = ["Consumer", "Link", "Target", "find_follower", "consumer_for", "link", "price",
-           "price_single", "follower_view", "dense_weight", "is_linear",
+           "price_single", "follower_view", "is_linear",
            "PRICING", "MacsModel", "select_targets", "build_targets"]
 
 # --------------------------------------------------------------------------------------------
@@ -211,37 +211,23 @@ def link(group: ChannelGroup, consumer: Consumer) -> Link:
 PRICING = "fused"
 
 
-def dense_weight(m: nn.Module) -> torch.Tensor:
-    """The follower's weight as a dense ``(O, C, ...)`` one. A grouped conv (``groups = G``) gets
-    its block-diagonal expansion (zeros between conv groups): the same outputs, so the same
-    damages, at ``G`` times the pricing cost of a dense conv of its width (a per-group pricing
-    path would avoid that)."""
-    w = m.weight.detach()
-    groups = getattr(m, "groups", 1)
-    if groups == 1:
-        return w
-    o, c = w.shape[0] // groups, w.shape[1]                  # per conv group: outputs, inputs
-    dense = w.new_zeros(groups, o, groups, c, *w.shape[2:])
-    j = torch.arange(groups, device=w.device)
-    dense[j, :, j] = w.view(groups, o, c, *w.shape[2:])
-    return dense.reshape(groups * o, groups * c, *w.shape[2:])
-
-
 def follower_view(link: Link, x: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """``(x, weight, geometry)`` of the link's consumer as :mod:`aofp_ext.ops` prices it: a Linear
-    after ``flatten`` as a conv with a ``(block, 1)`` kernel, a Conv1d as a Conv2d of width 1."""
+    after ``flatten`` as a conv with a ``(block, 1)`` kernel, a Conv1d as a Conv2d of width 1, a
+    grouped conv with its ``groups`` (priced conv group by conv group)."""
     m = link.consumer.module
-    w = dense_weight(m)
+    w = m.weight.detach()
     geo = link.consumer.geometry()
     if link.view_block > 1:     # Linear after flatten: a conv with a (block, 1) kernel
         b = link.view_block
         return x.reshape(x.shape[0], -1, b, 1), w.reshape(w.shape[0], -1, b, 1), {}
+    groups = {"groups": m.groups} if getattr(m, "groups", 1) > 1 else {}
     if isinstance(m, nn.Conv1d):  # as a conv2d of width 1
         return x.unsqueeze(-1), w.unsqueeze(-1), {
             "stride": (geo["stride"][0], 1), "padding": (geo["padding"][0], 0),
-            "dilation": (geo["dilation"][0], 1)}
-    return x, w, dict(geo)
+            "dilation": (geo["dilation"][0], 1), **groups}
+    return x, w, {**geo, **groups}
 
 
 def price(target: Target, masks: torch.Tensor, *, parts: bool = False

@@ -129,19 +129,6 @@ class TinyResNeXt(nn.Module):
         return self.fc(y.mean(dim=(2, 3)))
 
 
-def test_dense_weight_of_a_grouped_conv_gives_its_outputs() -> None:
-    torch.manual_seed(0)
-    for groups, cin, cout in ((4, 12, 8), (3, 9, 9), (2, 6, 10)):
-        conv = nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False)
-        x = torch.randn(2, cin, 7, 5)
-        w = pricing.dense_weight(conv)
-        assert w.shape == (cout, cin, 3, 3)
-        assert torch.allclose(F.conv2d(x, w, padding=1), conv(x), atol=1e-5)
-    plain = nn.Conv2d(4, 4, 1)
-    assert pricing.dense_weight(plain) is not None and torch.equal(pricing.dense_weight(plain),
-                                                                   plain.weight)
-
-
 @pytest.mark.parametrize("case", ["lenet-batch", "lenet-running", "resnet8", "projection-all",
                                   "grouped"])
 def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
