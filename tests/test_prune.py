@@ -519,3 +519,36 @@ def test_resnext50_auto_targets_its_grouped_conv_groups() -> None:
     assert {by_name[f"{b}.conv{i}"].granularity for b in blocks for i in (1, 2)} == {32}
     assert all(g.granularity == 1  # the criteria's selection
                for g in pricing.select_targets(groups, "auto", model, search_parts=False))
+
+
+def test_grouped_search_resumes_identically(tmp_path) -> None:
+    # the per-part search state (parts, equal-count spaces) goes through a run checkpoint
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 12, 12), torch.randint(0, 5, (64,))
+    data = DataLoader(TensorDataset(x, y), batch_size=32)
+    init = TinyResNeXt().state_dict()
+
+    def run(folder, callback=None):
+        net = TinyResNeXt()
+        net.load_state_dict(init)
+        return aofp_ext.prune(net, data, example_inputs=x[:1], target_flops=0.3, targets="all",
+                              masks_per_step=4, thresh=0.5, iters_per_half=2, warmup_iters=0,
+                              max_steps=30, checkpoint_dir=folder, checkpoint_every=2,
+                              progress=False, callback=callback)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step: int, info: dict) -> None:
+        if step == 5:
+            raise Stop
+
+    full = run(tmp_path / "a")
+    with pytest.raises(Stop):
+        run(tmp_path / "b", callback=interrupt)
+    resumed = run(tmp_path / "b")
+    assert resumed.report["resumed_from"] == "search step 4"
+    assert full.report["history"] == resumed.report["history"]
+    assert any(m["action"] == "prune" and m["parts"] > 1 and m["step"] >= 4  # after the resume
+               for m in full.report["history"])
+    _same_models(full.model, resumed.model)
