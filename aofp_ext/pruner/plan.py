@@ -57,7 +57,8 @@ def make_plan(model: nn.Module, example: tuple[torch.Tensor, ...], s: Settings) 
     if s.target_flops < smallest:
         raise ValueError(
             f"target_flops={s.target_flops} cannot be reached: with one filter left in each of "
-            f"the {len(targets)} searched groups the model keeps {smallest:.3f} of its MACs (the "
-            "rest is in layers that are not searched); raise target_flops or pass targets='all'")
+            f"the {len(targets)} searched groups (one per part in grouped-conv and chunk groups) "
+            f"the model keeps {smallest:.3f} of its MACs (the rest is in layers that are not "
+            "searched); raise target_flops or pass targets='all'")
     return Plan(targets, consumers, macs, macs_before, params_before,
                 {t.name: t.group.size for t in targets}, s.config(targets))
