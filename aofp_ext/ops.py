@@ -70,6 +70,28 @@ def _check_backend(op: str, *tensors: torch.Tensor | None) -> None:
             )
 
 
+def _conv_groups(op: str, groups: int, x: torch.Tensor, weight: torch.Tensor
+                 ) -> list[tuple[slice, slice]]:
+    """(input channels, output channels) of every conv group of a grouped conv follower."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive integer, got {groups!r}")
+    if weight.dim() != 4 or x.dim() != 4:
+        raise ValueError(f"{op}: groups={groups} applies to conv followers only (x (N, C, H, W), "
+                         f"weight (O, C / groups, kh, kw)); got x shape {list(x.shape)} and "
+                         f"weight shape {list(weight.shape)}")
+    C, (O, c) = x.shape[1], weight.shape[:2]
+    if C % groups or O % groups or c != C // groups:
+        raise ValueError(f"{op}: with groups={groups}, weight must be (O, C / groups, kh, kw) "
+                         f"with C and O divisible by groups; got weight shape "
+                         f"{list(weight.shape)} and C = {C} channels in x")
+    o = O // groups
+    return [(slice(j * c, (j + 1) * c), slice(j * o, (j + 1) * o)) for j in range(groups)]
+
+
+def _part(v: torch.Tensor | None, so: slice) -> torch.Tensor | None:
+    return None if v is None else v[so]
+
+
 # --------------------------------------------------------------------------------------------
 # The ops
 # --------------------------------------------------------------------------------------------
@@ -90,6 +112,7 @@ def masked_damage(
     eps: float = 1e-5,
     post: str = "none",
     method: str = "auto",
+    groups: int = 1,
 ) -> torch.Tensor:
     """Damage of each of K channel masks at a follower's output.
 
@@ -110,11 +133,22 @@ def masked_damage(
             docs/kernels.md), ``"fused"`` (the extension's one-pass tile kernel,
             ``torch.ops.aofp.masked_damage``) or ``"moments"`` (the moments of the channel
             contributions by BLAS, then every mask in closed form; ``post="none"`` only).
+        groups: a grouped conv follower (``weight`` ``(O, C / groups, kh, kw)``): priced conv
+            group by conv group (each one's outputs read only its own inputs) and summed.
 
     Returns:
         ``(K,)`` float32 (float64 accumulation inside); memory stays bounded for any K and N.
     """
     _check_backend("masked_damage", x, weight, masks, bias, scale, shift)
+    if groups != 1 or isinstance(groups, bool):
+        total = None
+        for si, so in _conv_groups("masked_damage", groups, x, weight):
+            d = masked_damage(x[:, si], weight[so], masks[:, si], bias=_part(bias, so),
+                              stride=stride, padding=padding, dilation=dilation, norm=norm,
+                              scale=_part(scale, so), shift=_part(shift, so), eps=eps, post=post,
+                              method=method).double()
+            total = d if total is None else total + d
+        return total.float()
     if method not in ("auto", "fused", "moments"):
         raise ValueError(f"masked_damage: method must be 'auto', 'fused' or 'moments', got "
                          f"{method!r}")
@@ -168,6 +202,7 @@ def channel_gram(
     dilation: IntPair = 1,
     scale: torch.Tensor | None = None,
     method: str = "auto",
+    groups: int = 1,
 ) -> torch.Tensor:
     """Gram matrix of the per-channel contributions ``z_c = conv(x[:, c], W[:, c])``.
 
@@ -176,9 +211,18 @@ def channel_gram(
     :func:`quadratic_damage`. Its diagonal is the exact single-channel oracle. Returns ``(C, C)``
     float32. ``method``: ``"auto"`` (default; ``"blas"`` outside ``torch.compile``), ``"blas"``
     (the factored or direct form, whichever costs less, by torch matmuls) or ``"kernel"`` (the
-    extension's own op, ``torch.ops.aofp.channel_gram``).
+    extension's own op, ``torch.ops.aofp.channel_gram``). ``groups``: a grouped conv follower
+    (``weight`` ``(O, C / groups, kh, kw)``): block diagonal, one block per conv group (channels
+    of different conv groups reach disjoint outputs).
     """
     _check_backend("channel_gram", x, weight, scale)
+    if groups != 1 or isinstance(groups, bool):
+        blocks = _conv_groups("channel_gram", groups, x, weight)
+        g = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        for si, so in blocks:
+            g[si, si] = channel_gram(x[:, si], weight[so], stride=stride, padding=padding,
+                                     dilation=dilation, scale=_part(scale, so), method=method)
+        return g
     if method not in ("auto", "blas", "kernel"):
         raise ValueError(f"channel_gram: method must be 'auto', 'blas' or 'kernel', got "
                          f"{method!r}")
@@ -251,11 +295,13 @@ if _C is not None:
 # --------------------------------------------------------------------------------------------
 
 
-def _follower(x, weight, bias, stride, padding, dilation):
+def _follower(x, weight, bias, stride, padding, dilation, groups=1):
     if weight.dim() == 2:
+        if groups != 1:
+            raise ValueError(f"groups={groups} applies to conv followers only")
         return F.linear(x, weight, bias)
     return F.conv2d(x, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
-                    _pair(dilation, "dilation"))
+                    _pair(dilation, "dilation"), groups)
 
 
 def _apply_norm(y, norm, scale, shift, eps):
@@ -275,8 +321,9 @@ def _apply_norm(y, norm, scale, shift, eps):
 
 def masked_damage_reference(x, weight, masks, *, bias=None, stride=1, padding=0, dilation=1,
                             norm="none", scale=None, shift=None, eps=1e-5, post="none",
-                            dtype=torch.float64):
-    """The authors' way: one masked follower forward per mask, in ``dtype``."""
+                            dtype=torch.float64, groups=1):
+    """The authors' way: one masked follower forward per mask, in ``dtype`` (a grouped conv
+    follower by ``F.conv2d(groups=groups)``)."""
     if post not in _POSTS:
         raise ValueError(f"post must be one of {_POSTS}, got {post!r}")
     x, weight = x.to(dtype), weight.to(dtype)
@@ -284,8 +331,8 @@ def masked_damage_reference(x, weight, masks, *, bias=None, stride=1, padding=0,
     keep = masks.to(torch.bool)
 
     def f(inp):
-        y = _apply_norm(_follower(inp, weight, bias, stride, padding, dilation), norm, scale,
-                        shift, eps)
+        y = _apply_norm(_follower(inp, weight, bias, stride, padding, dilation, groups), norm,
+                        scale, shift, eps)
         return torch.relu(y) if post == "relu" else y
 
     base = f(x)
@@ -297,9 +344,17 @@ def masked_damage_reference(x, weight, masks, *, bias=None, stride=1, padding=0,
 
 
 def channel_gram_reference(x, weight, *, stride=1, padding=0, dilation=1, scale=None,
-                           dtype=torch.float64):
-    """``Z`` by one grouped convolution (every (c, o) pair), then ``Z Z^T``, in ``dtype``."""
+                           dtype=torch.float64, groups=1):
+    """``Z`` by one grouped convolution (every (c, o) pair), then ``Z Z^T``, in ``dtype``. A
+    grouped conv follower (``groups``) as its dense weight: zero between conv groups."""
     x, weight = x.to(dtype), weight.to(dtype)
+    if groups != 1:
+        O, c = weight.shape[:2]
+        dense = weight.new_zeros(O, c * groups, *weight.shape[2:])
+        for j in range(groups):
+            dense[j * (O // groups):(j + 1) * (O // groups), j * c:(j + 1) * c] = \
+                weight[j * (O // groups):(j + 1) * (O // groups)]
+        weight = dense
     if weight.dim() == 2:
         x, weight = x[:, :, None, None], weight[:, :, None, None]
     O, C = weight.shape[:2]

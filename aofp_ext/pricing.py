@@ -221,18 +221,20 @@ PRICING = "fused"
 def follower_view(link: Link, x: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """``(x, weight, geometry)`` of the link's consumer as :mod:`aofp_ext.ops` prices it: a Linear
-    after ``flatten`` as a conv with a ``(block, 1)`` kernel, a Conv1d as a Conv2d of width 1."""
+    after ``flatten`` as a conv with a ``(block, 1)`` kernel, a Conv1d as a Conv2d of width 1, a
+    grouped conv with its ``groups`` (priced conv group by conv group)."""
     m = link.consumer.module
     w = m.weight.detach()
     geo = link.consumer.geometry()
     if link.view_block > 1:     # Linear after flatten: a conv with a (block, 1) kernel
         b = link.view_block
         return x.reshape(x.shape[0], -1, b, 1), w.reshape(w.shape[0], -1, b, 1), {}
+    groups = {"groups": m.groups} if getattr(m, "groups", 1) > 1 else {}
     if isinstance(m, nn.Conv1d):  # as a conv2d of width 1
         return x.unsqueeze(-1), w.unsqueeze(-1), {
             "stride": (geo["stride"][0], 1), "padding": (geo["padding"][0], 0),
-            "dilation": (geo["dilation"][0], 1)}
-    return x, w, dict(geo)
+            "dilation": (geo["dilation"][0], 1), **groups}
+    return x, w, {**geo, **groups}
 
 
 def price(target: Target, masks: torch.Tensor, *, parts: bool = False
@@ -368,29 +370,34 @@ class MacsModel:
         return int(round(total))
 
     def smallest(self) -> int:
-        """MACs with one filter left in every target (the lowest the search can go)."""
+        """MACs with one filter left in every target, one per part in a target with a
+        granularity (the lowest the search can go)."""
         alive = []
         for t in self.targets:
             a = torch.zeros(t.group.size, dtype=torch.bool)
-            a[0] = True
+            a[::t.group.size // t.group.granularity] = True
             alive.append(a)
         return self.current(alive)
 
 
 
-#: Why groups with a granularity rule (grouped convs, chunk) are not searched.
+#: Why groups with a granularity rule (grouped convs, chunk) are not selected by a criterion.
 _GRANULAR = ("its keep-set must keep equal counts in equal parts (a grouped conv or chunk), "
-             "which the AOFP search does not enforce")
+             "which the criteria (method != 'aofp') do not enforce; method='aofp' searches it")
 
 
-def _why_not(g: ChannelGroup) -> str:
+def _why_not(g: ChannelGroup, search_parts: bool) -> str:
     if g.reason:
         return g.reason
-    return _GRANULAR if g.granularity > 1 else "meets a residual add"
+    return _GRANULAR if g.granularity > 1 and not search_parts else "meets a residual add"
 
 
-def select_targets(groups: Sequence[ChannelGroup], targets: Any,
-                    model: nn.Module) -> list[ChannelGroup]:
+def select_targets(groups: Sequence[ChannelGroup], targets: Any, model: nn.Module, *,
+                   search_parts: bool = True) -> list[ChannelGroup]:
+    """The groups ``targets`` (``"auto"``, ``"all"`` or names) selects. ``search_parts``: whether
+    the selection keeps equal counts per part (the AOFP search does, with
+    ``LayerSearch(parts=granularity)``; the criteria do not), i.e. whether groups with a
+    granularity rule (grouped convs, ``chunk``) can be targets."""
     def conv_made(g: ChannelGroup) -> bool:
         return any(s.role == "out" and isinstance(model.get_submodule(s.module),
                                                   nn.modules.conv._ConvNd) for s in g.producers)
@@ -403,10 +410,11 @@ def select_targets(groups: Sequence[ChannelGroup], targets: Any,
             raise ValueError(f"targets must be 'auto', 'all' or a list of group names, got "
                              f"{targets!r}")
         chosen = [g for g in groups if g.prunable and g.consumers and g.size >= 2
-                  and searchable(g) and g.granularity == 1
+                  and searchable(g) and (search_parts or g.granularity == 1)
                   and (targets == "all" or g.mask_point is not None)]
         if not chosen:
-            why = "; ".join(f"'{g.name}': {_why_not(g)}" for g in groups if conv_made(g))[:600]
+            why = "; ".join(f"'{g.name}': {_why_not(g, search_parts)}"
+                            for g in groups if conv_made(g))[:600]
             raise ValueError(
                 f"no prunable channel group to search in {type(model).__name__} with "
                 f"targets={targets!r}" + (f" ({why})" if why else " (it has no conv layer)")
@@ -429,13 +437,11 @@ def select_targets(groups: Sequence[ChannelGroup], targets: Any,
             raise ValueError(f"channel group {n!r} has no conv/Linear consumer to price it on")
         if g.size < 2:
             raise ValueError(f"channel group {n!r} has a single channel: nothing to search")
-        if g.granularity > 1:
+        if g.granularity > 1 and not search_parts:
             raise ValueError(f"channel group {n!r}: {_GRANULAR} (granularity "
-                             f"{g.granularity}); cut it with aofp_ext.prune_channels_")
+                             f"{g.granularity}); or cut it with aofp_ext.prune_channels_")
         out.append(g)
     return out
-
-
 
 
 def build_targets(model: nn.Module, gm: fx.GraphModule, groups: Sequence[ChannelGroup],

@@ -17,6 +17,16 @@ scale: each step draws ``K`` attempts instead of one. Per layer:
 
 Ties in ``avg`` are broken by filter index (a stable sort), so a run is reproducible. A layer with
 one filter left has ``g = 0``: it draws nothing and never decides again.
+
+Parts (a channel group with a granularity rule: the channel groups of a grouped conv, the pieces
+of ``chunk``; docs/prune.md): with ``parts = n``, the filters form ``n`` equal consecutive parts
+and every keep-set must keep the same number in each. The rule above then runs per part, in
+lockstep: ``S`` holds the same number ``s`` of filters in every part; each attempt zeroes
+``h = floor(s / 2)`` filters drawn uniformly within each part (``g = n * h`` in all); at the end
+of a half each part's filters of ``S`` are sorted by ``avg`` and ``P`` is the first ``h`` of every
+part; the threshold test is over the whole ``P``, and prune / halve / reset apply to all parts at
+once. So ``alive`` and ``S`` always hold equal counts per part, and one filter per part is the
+floor. ``parts = 1`` is exactly the rule above (the same random draws and decisions).
 """
 
 from __future__ import annotations
@@ -80,6 +90,8 @@ class Move:
             drawn).
         width: filters alive after the decision.
         pruned: the filters pruned by this move (original indices; empty unless ``"prune"``).
+        parts: the layer's equal parts (1: no granularity rule); ``g`` is ``parts`` times
+            ``floor(space / parts / 2)``.
     """
 
     step: int
@@ -89,10 +101,11 @@ class Move:
     worst: float
     width: int
     pruned: list[int] = field(default_factory=list)
+    parts: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["g"] = self.space // 2
+        d["g"] = self.parts * (self.space // self.parts // 2)
         d["worst"] = None if math.isinf(self.worst) else self.worst  # JSON has no inf
         return d
 
@@ -106,18 +119,24 @@ class LayerSearch:
         start: the first global step at which the layer draws attempts.
         iters_per_half: steps per half.
         thresh: a half's ``P`` is pruned when its largest average damage is below this.
+        parts: the number of equal consecutive parts that must keep equal counts (the group's
+            ``granularity``; 1 for no rule); must divide ``size``.
     """
 
     def __init__(self, name: str, size: int, *, start: int, iters_per_half: int,
-                 thresh: float) -> None:
+                 thresh: float, parts: int = 1) -> None:
         _positive_int(size, "size")
         _positive_int(iters_per_half, "iters_per_half")
+        _positive_int(parts, "parts")
+        if size % parts:
+            raise ValueError(f"layer '{name}': parts={parts} does not divide size={size}")
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ValueError(f"start must be a non-negative integer, got {start!r}")
         if not math.isfinite(thresh) or thresh < 0:
             raise ValueError(f"thresh must be a finite number >= 0, got {thresh!r}")
         self.name, self.size, self.start = name, size, start
         self.iters_per_half, self.thresh = iters_per_half, float(thresh)
+        self.parts = parts
         self.alive = torch.ones(size, dtype=torch.bool)    # the base mask b
         self.space = torch.ones(size, dtype=torch.bool)    # S
         self.acc = torch.zeros(size, dtype=torch.float64)
@@ -132,9 +151,23 @@ class LayerSearch:
         return int(self.alive.sum())
 
     @property
+    def h(self) -> int:
+        """Filters zeroed by each attempt in each part: ``floor(|S| / parts / 2)``."""
+        return int(self.space.sum()) // self.parts // 2
+
+    @property
     def g(self) -> int:
-        """Filters zeroed by each attempt: ``floor(|S| / 2)``."""
-        return int(self.space.sum()) // 2
+        """Filters zeroed by each attempt: ``parts * h`` (``floor(|S| / 2)`` with one part)."""
+        return self.parts * self.h
+
+    def _space_by_part(self) -> torch.Tensor:
+        """The indices of ``S``, ``(parts, |S| / parts)``: row ``i`` holds part ``i``'s."""
+        idx = self.space.nonzero().flatten()
+        part = idx // (self.size // self.parts)
+        if bool((torch.bincount(part, minlength=self.parts) != idx.numel() // self.parts).any()):
+            raise RuntimeError(f"layer '{self.name}': the search space does not hold the same "
+                               f"number of filters in each of its {self.parts} parts")
+        return idx.view(self.parts, -1)
 
     def active(self, step: int) -> bool:
         """Whether the layer draws attempts at global step ``step``."""
@@ -148,15 +181,18 @@ class LayerSearch:
 
     def draw(self, k: int, generator: torch.Generator) -> torch.Tensor:
         """``k`` attempts, ``(k, size)`` bool, True = kept: each zeroes the base-masked filters and
-        ``g`` filters drawn uniformly, without replacement, from ``S``."""
+        ``h`` filters of each part drawn uniformly, without replacement, from that part of ``S``
+        (``g`` filters from ``S`` with one part)."""
         _positive_int(k, "k")
-        g = self.g
-        if g < 1:
-            raise RuntimeError(f"layer '{self.name}' has one filter left: nothing to draw")
-        idx = self.space.nonzero().flatten()
-        order = torch.rand(k, idx.numel(), generator=generator).argsort(dim=1)[:, :g]
+        h = self.h
+        if h < 1:
+            raise RuntimeError(f"layer '{self.name}' has one filter left"
+                               + (" per part" if self.parts > 1 else "") + ": nothing to draw")
+        idx = self._space_by_part()                                     # (parts, s)
+        order = torch.rand(k, *idx.shape, generator=generator).argsort(dim=-1)[..., :h]
+        zeroed = torch.gather(idx.expand(k, *idx.shape), 2, order)      # (k, parts, h)
         masks = self.alive.expand(k, self.size).clone()
-        masks.scatter_(1, idx[order], False)
+        masks.scatter_(1, zeroed.reshape(k, -1), False)
         return masks
 
     def record(self, masks: torch.Tensor, t: torch.Tensor) -> None:
@@ -184,12 +220,14 @@ class LayerSearch:
 
     def decide(self, step: int) -> Move:
         """End the current half now (see the module docstring)."""
-        g, space = self.g, int(self.space.sum())
-        idx = self.space.nonzero().flatten()
-        avg = self.averages()[idx]
-        order = torch.sort(avg, stable=True).indices
-        p = idx[order[:g]]
-        worst = float(avg[order[g - 1]])
+        h, space = self.h, int(self.space.sum())
+        if h < 1:
+            raise RuntimeError(f"layer '{self.name}' has one filter left"
+                               + (" per part" if self.parts > 1 else "") + ": nothing to decide")
+        idx = self._space_by_part()                                     # (parts, s)
+        avg, order = torch.sort(self.averages()[idx], dim=1, stable=True)
+        p = torch.gather(idx, 1, order[:, :h]).flatten()                # h per part
+        worst = float(avg[:, h - 1].max())
         self.acc.zero_()
         self.cnt.zero_()
         self.steps_in_half = 0
@@ -198,21 +236,21 @@ class LayerSearch:
             self.alive[p] = False
             self.space = self.alive.clone()
             action, pruned = "prune", sorted(p.tolist())
-        elif g > 1:
+        elif h > 1:
             self.space = torch.zeros_like(self.alive)
             self.space[p] = True
             action = "halve"
         else:
             self.space = self.alive.clone()
             action = "reset"
-        return Move(step, self.name, action, space, worst, self.width, pruned)
+        return Move(step, self.name, action, space, worst, self.width, pruned, self.parts)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size, "start": self.start,
                 "iters_per_half": self.iters_per_half, "thresh": self.thresh,
-                "alive": self.alive.clone(), "space": self.space.clone(),
+                "parts": self.parts, "alive": self.alive.clone(), "space": self.space.clone(),
                 "acc": self.acc.clone(), "cnt": self.cnt.clone(),
                 "steps_in_half": self.steps_in_half}
 
@@ -221,6 +259,10 @@ class LayerSearch:
             if state[key] != getattr(self, key):
                 raise ValueError(f"layer '{self.name}': checkpoint has {key}={state[key]!r}, "
                                  f"this search {getattr(self, key)!r}")
+        parts = state.get("parts", 1)  # checkpoints written before parts existed have none
+        if parts != self.parts:
+            raise ValueError(f"layer '{self.name}': checkpoint has parts={parts!r}, this search "
+                             f"{self.parts!r}")
         self.alive = state["alive"].clone()
         self.space = state["space"].clone()
         self.acc = state["acc"].clone()

@@ -552,15 +552,19 @@ def test_stochastic_depth_of_torchvision() -> None:
     prune_matches_preview(Block(), x)
 
 
-def test_the_search_skips_groups_with_a_granularity() -> None:
+def test_the_search_takes_groups_with_a_granularity_and_the_criteria_skip_them() -> None:
     from aofp_ext.pricing import select_targets
 
     model = GroupedBlock()
     groups = aofp_ext.channel_groups(model, torch.randn(2, 3, 8, 8))
-    assert [g.name for g in select_targets(groups, "all", model)] == ["c.0"]
+    # the AOFP search keeps equal counts per part (LayerSearch(parts=granularity))
+    assert [g.name for g in select_targets(groups, "all", model)] == ["a.0", "b.0", "c.0"]
+    assert [g.name for g in select_targets(groups, ["c.0", "a.0"], model)] == ["c.0", "a.0"]
+    # the criteria rank channels one by one: not these groups
+    assert [g.name for g in select_targets(groups, "all", model, search_parts=False)] == ["c.0"]
     with pytest.raises(ValueError, match=r"channel group 'a.0': its keep-set must keep equal "
                                          r"counts in equal parts .* \(granularity 4\)"):
-        select_targets(groups, ["c.0", "a.0"], model)
+        select_targets(groups, ["c.0", "a.0"], model, search_parts=False)
 
 
 # ---- channels-last maps and tokens ---------------------------------------------------------------

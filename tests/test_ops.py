@@ -434,6 +434,85 @@ def test_compact_mismatched_sizes_and_dims():
 # ------------------------------------------------------------------------------------------
 # errors name the argument and the expectation
 # ------------------------------------------------------------------------------------------
+# grouped conv followers (groups=)
+# ------------------------------------------------------------------------------------------
+
+
+def _grouped_case(gen, N, C, O, G, H, W, k, K, norm):
+    x, _, masks, kw = rand_case(gen, N=N, C=C, O=O, H=H, W=W, k=k, K=K, norm=norm)
+    w = torch.randn(O, C // G, k, k, generator=gen) / (C // G * k * k) ** 0.5
+    return x, w, masks, kw
+
+
+GROUPED = [
+    dict(N=2, C=12, O=8, G=4, H=7, W=7, k=3, stride=1, padding=1),    # ResNeXt-like
+    dict(N=1, C=9, O=9, G=3, H=5, W=6, k=1, stride=1, padding=0),     # N = 1, odd widths, 1x1
+    dict(N=3, C=10, O=6, G=2, H=9, W=5, k=3, stride=2, padding=0),    # strided, no padding
+    dict(N=2, C=8, O=16, G=8, H=6, W=6, k=3, stride=1, padding=1),    # one input per group
+]
+
+
+@pytest.mark.parametrize("norm,post", NORM_POST)
+@pytest.mark.parametrize("shape", GROUPED)
+def test_masked_damage_grouped_follower(shape, norm, post):
+    """Against one masked F.conv2d(groups=G) forward per mask, on both exact paths."""
+    gen = torch.Generator().manual_seed(hash((tuple(shape.items()), norm, post)) % 2**31)
+    shape = dict(shape)
+    geo = {k: shape.pop(k) for k in ("stride", "padding")}
+    for K in (1, 7, 64):
+        x, w, masks, kw = _grouped_case(gen, K=K, norm=norm, **shape)
+        args = dict(norm=norm, post=post, groups=shape["G"], **geo, **kw)
+        ref = ops.masked_damage_reference(x, w, masks, **args)
+        assert_damage_close(ops.masked_damage(x, w, masks, **args), ref)
+        assert_damage_close(ops.masked_damage(x, w, masks, method="fused", **args), ref)
+        if post == "none":
+            assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args), ref)
+    # non-contiguous input (channels last) and a mask of one removed channel
+    masks = torch.ones(2, shape["C"], dtype=torch.bool)
+    masks[1, shape["C"] - 1] = False
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert_damage_close(ops.masked_damage(xc, w, masks, **args),
+                        ops.masked_damage_reference(x, w, masks, **args))
+
+
+@pytest.mark.parametrize("shape", GROUPED)
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_channel_gram_grouped_follower(shape, with_scale):
+    gen = torch.Generator().manual_seed(31)
+    shape = dict(shape)
+    geo = {k: shape.pop(k) for k in ("stride", "padding")}
+    x, w, masks, kw = _grouped_case(gen, K=40, norm="affine", **shape)
+    scale = kw["scale"] if with_scale else None
+    G = ops.channel_gram(x, w, scale=scale, groups=shape["G"], **geo)
+    Gr = ops.channel_gram_reference(x, w, scale=scale, groups=shape["G"], **geo)
+    torch.testing.assert_close(G.double(), Gr, rtol=1e-5, atol=1e-5 * float(Gr.abs().max()))
+    norm = "affine" if with_scale else "none"
+    extra = dict(scale=kw["scale"], shift=kw["shift"]) if with_scale else {}
+    assert_damage_close(ops.quadratic_damage(G, masks),
+                        ops.masked_damage_reference(x, w, masks, norm=norm, groups=shape["G"],
+                                                    **extra, **geo))
+
+
+@pytest.mark.parametrize(
+    "groups,weight,match",
+    [
+        (0, torch.randn(4, 2, 3, 3), "groups must be a positive integer"),
+        (True, torch.randn(4, 2, 3, 3), "groups must be a positive integer"),
+        (3, torch.randn(3, 2, 3, 3), r"weight must be \(O, C / groups, kh, kw\) with C and O "
+                                     "divisible by groups"),
+        (2, torch.randn(4, 3, 3, 3), r"weight shape \[4, 3, 3, 3\] and C = 4"),
+        (2, torch.randn(4, 2), "applies to conv followers only"),
+    ],
+)
+def test_grouped_follower_errors(groups, weight, match):
+    x = torch.randn(2, 4, 6, 6) if weight.dim() == 4 else torch.randn(2, 4)
+    with pytest.raises(ValueError, match=match):
+        ops.masked_damage(x, weight, torch.ones(3, 4, dtype=torch.bool), groups=groups)
+    with pytest.raises(ValueError, match=match):
+        ops.channel_gram(x, weight, groups=groups)
+
+
+# ------------------------------------------------------------------------------------------
 
 
 def _ok():

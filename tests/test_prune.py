@@ -98,12 +98,40 @@ def _targets(model, example, names, bn_mode):
                 consumers[cname] = pricing.consumer_for(model, a.gm, cname, bn_mode, name)
             links.append(pricing.link(g, consumers[cname]))
         out.append(pricing.Target(g, LayerSearch(name, g.size, start=0, iters_per_half=1,
-                                                 thresh=0.1), links))
+                                                 thresh=0.1, parts=g.granularity), links))
     return out, consumers
 
 
+def _cbr(cin: int, cout: int, k: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TinyResNeXt(nn.Module):
+    """A ResNeXt bottleneck (1x1 -> grouped 3x3, 4 conv groups -> 1x1, residual add) and a
+    ``chunk(2)`` into two branches: groups with granularity 4 (``reduce.0``: read by the grouped
+    conv; ``grouped.0``: made by it) and 2 (``split.0``: each half read by its own conv)."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 16, 3)
+        self.reduce = _cbr(16, 12)
+        self.grouped = _cbr(12, 12, 3, groups=4)
+        self.expand = nn.Sequential(nn.Conv2d(12, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.split = _cbr(16, 10)
+        self.left, self.right = _cbr(5, 6, 3), _cbr(5, 6, 3)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = F.relu(x + self.expand(self.grouped(self.reduce(x))))
+        a, b = self.split(x).chunk(2, dim=1)
+        y = torch.cat([self.left(a), self.right(b)], dim=1)
+        return self.fc(y.mean(dim=(2, 3)))
+
+
 @pytest.mark.parametrize("case", ["lenet-batch", "lenet-running", "resnet8", "projection-all",
-                                  "tokens"])
+                                  "grouped", "tokens"])
 def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
     torch.manual_seed(0)
     if case.startswith("lenet"):
@@ -115,6 +143,9 @@ def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
     elif case == "tokens":  # Linears over tokens and channels-last maps, post none and ReLU
         model, x = TokenNet(), torch.randn(4, 3, 16, 16)
         names = ["fc1", "fc3", "pw1"]
+    elif case == "grouped":  # read by a grouped conv; made by one; two chunk halves
+        model, x = TinyResNeXt(), torch.randn(8, 3, 12, 12)
+        names = ["reduce.0", "grouped.0", "split.0"]
     else:  # a residual stream coupled through adds, read by a conv and the Linear; and a
         # group read by two convs
         model, x = ProjectionNet(), torch.randn(8, 3, 16, 16)
@@ -128,8 +159,11 @@ def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
     model.train()
     tgts, consumers = _targets(model, x[:1], names, bn_mode)
     gen = torch.Generator().manual_seed(1)
-    for t in tgts:
-        t.search.alive[torch.randperm(t.group.size, generator=gen)[:2]] = False
+    for t in tgts:  # two filters of every part off (one of a part of 3)
+        parts, part = t.search.parts, t.group.size // t.search.parts
+        for j in range(parts):
+            off = torch.randperm(part, generator=gen)[:2 if part > 3 else 1]
+            t.search.alive[j * part + off] = False
         t.search.space = t.search.alive.clone()
     for c in consumers.values():
         keep = torch.ones(c.width)
@@ -150,6 +184,10 @@ def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
     if case == "tokens":
         assert [(c.name, c.post) for c in consumers.values()] == [
             ("fc2", "none"), ("fc4", "relu"), ("pw2", "none")]
+    if case == "grouped":
+        assert [t.search.parts for t in tgts] == [4, 4, 2]
+        assert [link.consumer.module.groups for link in tgts[0].links] == [4]
+        assert [link.consumer.name for link in tgts[2].links] == ["left.0", "right.0"]
     if case == "lenet-batch":
         assert [(c.norm, c.post) for c in consumers.values()] == [("batch", "relu"),
                                                                   ("none", "relu")]
@@ -169,16 +207,26 @@ def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
 
 def test_macs_bookkeeping_equals_count_flops_after_the_cut() -> None:
     gen = torch.Generator().manual_seed(0)
-    for model, example in ((lenet5_bn(), LENET_IN), (resnet_cifar(20), torch.zeros(1, 3, 32, 32))):
+    for model, example, targets in ((lenet5_bn(), LENET_IN, "auto"),
+                                    (resnet_cifar(20), torch.zeros(1, 3, 32, 32), "auto"),
+                                    (TinyResNeXt(), torch.zeros(1, 3, 12, 12), "all")):
         a = analyze(model, example)
-        groups = pricing.select_targets(a.groups, "auto", model)
+        groups = pricing.select_targets(a.groups, targets, model)
         tgts = [pricing.Target(g, LayerSearch(g.name, g.size, start=0, iters_per_half=1,
-                                              thresh=0.1), []) for g in groups]
+                                              thresh=0.1, parts=g.granularity), [])
+                for g in groups]
         macs = pricing.MacsModel(model, example, tgts)
         assert macs.total == aofp_ext.count_flops(model, example)[0]
-        for t in tgts:
-            n = int(torch.randint(1, t.group.size, (), generator=gen))
-            t.search.alive[torch.randperm(t.group.size, generator=gen)[:n]] = False
+        least = copy.deepcopy(model)  # one filter left per target, one per part with parts
+        aofp_ext.prune_channels_(least, {t.name: torch.arange(0, t.group.size,
+                                                              t.group.size // t.search.parts)
+                                         for t in tgts}, example_inputs=example)
+        assert macs.smallest() == aofp_ext.count_flops(least, example)[0]
+        for t in tgts:  # the same random count off in every part
+            part = t.group.size // t.search.parts
+            n = int(torch.randint(1, part, (), generator=gen))
+            for j in range(t.search.parts):
+                t.search.alive[j * part + torch.randperm(part, generator=gen)[:n]] = False
         cut = copy.deepcopy(model)
         aofp_ext.prune_channels_(cut, {t.name: t.search.alive.nonzero().flatten() for t in tgts},
                                  example_inputs=example)
@@ -412,3 +460,102 @@ def test_targets_all_and_named_groups_end_to_end() -> None:
                        warmup_iters=0, progress=False).report
     assert r["targets"] == ["fc1"] and lenet.fc1.out_features == r["widths_after"]["fc1"] < 500
     assert lenet.fc2.in_features == lenet.fc1.out_features
+
+
+def test_grouped_conv_and_chunk_groups_are_searched_with_equal_counts_per_part() -> None:
+    # targets="all" on a ResNeXt-like block and a chunk: the groups with a granularity are
+    # searched (equal counts pruned in every part), cut with `groups` valid, and the pruned model
+    # computes what masked_forward of the model at the cut computes with the same keep-sets
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 12, 12), torch.randint(0, 5, (64,))
+    data = DataLoader(TensorDataset(x, y), batch_size=32)
+    net = TinyResNeXt()
+    states: list[dict] = []  # the model after every search step: the last one is cut
+    r = aofp_ext.prune(net, data, example_inputs=x[:1], target_flops=0.3, targets="all",
+                       masks_per_step=4, thresh=10.0, iters_per_half=1, warmup_iters=0,
+                       max_steps=12, progress=False,
+                       callback=lambda step, info: states.append(copy.deepcopy(net.state_dict())))
+    r = r.report
+    parts = {"reduce.0": 4, "grouped.0": 4, "split.0": 2}
+    assert set(parts) <= set(r["targets"]) and r["reached_target"]
+    for name, n in parts.items():  # every part keeps the same count, and fewer than before
+        assert r["widths_after"][name] < r["widths_before"][name]
+        assert r["widths_after"][name] % n == 0
+    for move in r["history"]:
+        assert move["parts"] == parts.get(move["layer"], 1)
+    keep = pruning_record(net).keep
+    for name, n in parts.items():
+        counts = torch.bincount(keep[name] // (r["widths_before"][name] // n), minlength=n)
+        assert (counts == counts[0]).all() and len(keep[name]) == r["widths_after"][name]
+    conv = net.grouped[0]
+    assert conv.groups == 4 and conv.in_channels == r["widths_after"]["reduce.0"]
+    assert conv.out_channels == r["widths_after"]["grouped.0"]
+    assert net.left[0].in_channels == net.right[0].in_channels == r["widths_after"]["split.0"] // 2
+    original = TinyResNeXt()
+    original.load_state_dict(states[-1])
+    net.eval(), original.eval()
+    with torch.no_grad():
+        want = aofp_ext.masked_forward(original, keep, x)
+        got = net(x)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+
+
+def test_criteria_still_skip_groups_with_a_granularity() -> None:
+    # a criterion ranks channels one by one: it does not search grouped-conv or chunk groups
+    x, y = torch.randn(32, 3, 12, 12), torch.randint(0, 5, (32,))
+    data = DataLoader(TensorDataset(x, y), batch_size=16)
+    kw = dict(example_inputs=x[:1], target_flops=0.8, progress=False, calibration_batches=1)
+    r = aofp_ext.prune(TinyResNeXt(), data, method="l1", targets="all", **kw).report
+    assert r["targets"] == ["stem.0", "left.0", "right.0"]
+    with pytest.raises(ValueError, match="'reduce.0'.*method='aofp' searches it"):
+        aofp_ext.prune(TinyResNeXt(), data, method="l1", targets=["reduce.0"], **kw)
+
+
+def test_resnext50_auto_targets_its_grouped_conv_groups() -> None:
+    # torchvision's ResNeXt-50 (32x4d): every bottleneck's conv1 (read by the grouped conv2) and
+    # conv2 (the grouped conv's own output) groups have granularity 32; "auto" searches them all
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnext50_32x4d(weights=None).eval()
+    groups = aofp_ext.channel_groups(model, torch.zeros(1, 3, 64, 64))
+    names = {g.name for g in pricing.select_targets(groups, "auto", model)}
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "Bottleneck"]
+    assert len(blocks) == 16
+    for b in blocks:
+        assert {f"{b}.conv1", f"{b}.conv2"} <= names
+    by_name = {g.name: g for g in groups}
+    assert {by_name[f"{b}.conv{i}"].granularity for b in blocks for i in (1, 2)} == {32}
+    assert all(g.granularity == 1  # the criteria's selection
+               for g in pricing.select_targets(groups, "auto", model, search_parts=False))
+
+
+def test_grouped_search_resumes_identically(tmp_path) -> None:
+    # the per-part search state (parts, equal-count spaces) goes through a run checkpoint
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 12, 12), torch.randint(0, 5, (64,))
+    data = DataLoader(TensorDataset(x, y), batch_size=32)
+    init = TinyResNeXt().state_dict()
+
+    def run(folder, callback=None):
+        net = TinyResNeXt()
+        net.load_state_dict(init)
+        return aofp_ext.prune(net, data, example_inputs=x[:1], target_flops=0.3, targets="all",
+                              masks_per_step=4, thresh=0.5, iters_per_half=2, warmup_iters=0,
+                              max_steps=30, checkpoint_dir=folder, checkpoint_every=2,
+                              progress=False, callback=callback)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step: int, info: dict) -> None:
+        if step == 5:
+            raise Stop
+
+    full = run(tmp_path / "a")
+    with pytest.raises(Stop):
+        run(tmp_path / "b", callback=interrupt)
+    resumed = run(tmp_path / "b")
+    assert resumed.report["resumed_from"] == "search step 4"
+    assert full.report["history"] == resumed.report["history"]
+    assert any(m["action"] == "prune" and m["parts"] > 1 and m["step"] >= 4  # after the resume
+               for m in full.report["history"])
+    _same_models(full.model, resumed.model)

@@ -21,17 +21,27 @@ from aofp_ext.search import (
 
 
 class ReferenceLayer:
-    """The authors' rule, plainly: base mask, search space, per-filter sums and counts."""
+    """The authors' rule, plainly: base mask, search space, per-filter sums and counts. With
+    ``parts``: the same rule in every part in lockstep (``h`` of each part's share of ``S``,
+    ranked within the part, one threshold test over all of ``P``)."""
 
-    def __init__(self, size: int, iters_per_half: int, thresh: float, start: int = 0):
+    def __init__(self, size: int, iters_per_half: int, thresh: float, start: int = 0,
+                 parts: int = 1):
         self.alive = set(range(size))
         self.space = set(range(size))
         self.acc = {i: 0.0 for i in range(size)}
         self.cnt = {i: 0 for i in range(size)}
         self.iph, self.thresh, self.start, self.n = iters_per_half, thresh, start, 0
+        self.parts, self.part = parts, size // parts
+
+    def by_part(self, xs: set[int]) -> list[list[int]]:
+        return [sorted(i for i in xs if i // self.part == j) for j in range(self.parts)]
+
+    def h(self) -> int:
+        return len(self.space) // self.parts // 2
 
     def g(self) -> int:
-        return len(self.space) // 2
+        return self.parts * self.h()
 
     def record(self, dropped: list[set[int]], t: list[float]) -> None:
         for d, v in zip(dropped, t):
@@ -44,10 +54,11 @@ class ReferenceLayer:
         if self.n < self.iph:
             return None
         self.n = 0
-        g = self.g()
+        h = self.h()
         avg = {i: self.acc[i] / self.cnt[i] if self.cnt[i] else math.inf for i in self.space}
-        ranked = sorted(self.space, key=lambda i: (avg[i], i))
-        p = set(ranked[:g])
+        p = set()
+        for members in self.by_part(self.space):
+            p |= set(sorted(members, key=lambda i: (avg[i], i))[:h])
         worst = max(avg[i] for i in p)
         self.acc = {i: 0.0 for i in self.acc}
         self.cnt = {i: 0 for i in self.cnt}
@@ -55,7 +66,7 @@ class ReferenceLayer:
             self.alive -= p
             self.space = set(self.alive)
             return "prune", p
-        if g > 1:
+        if h > 1:
             self.space = p
             return "halve", p
         self.space = set(self.alive)
@@ -294,3 +305,161 @@ def test_bad_arguments() -> None:
         LayerSearch("l", 3, start=0, iters_per_half=1, thresh=float("nan"))
     with pytest.raises(ValueError, match="masks_per_step"):
         default_iters_per_half(0)
+    with pytest.raises(ValueError, match="parts"):
+        LayerSearch("l", 3, start=0, iters_per_half=1, thresh=0.1, parts=0)
+    with pytest.raises(ValueError, match="parts=2 does not divide size=9"):
+        LayerSearch("l", 9, start=0, iters_per_half=1, thresh=0.1, parts=2)
+
+
+# ---- parts: equal counts in equal parts (grouped convs, chunk) --------------------------------
+
+
+def counts_per_part(mask: torch.Tensor, parts: int) -> list[int]:
+    return mask.view(parts, -1).sum(dim=1).tolist()
+
+
+def test_one_part_draws_exactly_as_the_rule_without_parts() -> None:
+    # the draw before parts existed: g = |S| // 2 indices of S by one argsort of k x |S| uniforms;
+    # parts=1 must consume the generator the same way and zero the same filters
+    rnd = random.Random(0)
+    for trial in range(40):
+        size, k = rnd.randint(2, 40), rnd.choice([1, 2, 7, 64])
+        s = LayerSearch("l", size, start=0, iters_per_half=1, thresh=0.1)
+        s.alive[rnd.sample(range(size), rnd.randint(0, size - 2))] = False
+        s.space = s.alive.clone()
+        alive_idx = s.alive.nonzero().flatten().tolist()
+        s.space[rnd.sample(alive_idx, rnd.randint(0, len(alive_idx) - 2))] = False
+        gen, ref_gen = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
+        got = s.draw(k, gen)
+        idx = s.space.nonzero().flatten()
+        order = torch.rand(k, idx.numel(), generator=ref_gen).argsort(dim=1)[:, :idx.numel() // 2]
+        want = s.alive.expand(k, size).clone()
+        want.scatter_(1, idx[order], False)
+        assert torch.equal(got, want)
+        assert torch.equal(gen.get_state(), ref_gen.get_state())
+
+
+def test_draw_with_parts_zeroes_h_filters_of_each_part_uniformly() -> None:
+    s = LayerSearch("l", 15, start=0, iters_per_half=1, thresh=0.5, parts=3)   # parts of 5
+    s.alive[[0, 5, 10]] = False          # 4 alive per part
+    s.space = s.alive.clone()
+    s.space[[1, 6, 11]] = False          # S: 3 per part, h = 1, g = 3
+    assert (s.h, s.g) == (1, 3)
+    masks = s.draw(3000, torch.Generator().manual_seed(0))
+    assert not masks[:, [0, 5, 10]].any() and masks[:, [1, 6, 11]].all()
+    zeroed = ~masks & s.space
+    assert (zeroed.view(3000, 3, 5).sum(dim=2) == 1).all()   # h = 1 in every part, every attempt
+    freq = zeroed.sum(dim=0)[s.space].double() / 3000
+    assert (freq - 1 / 3).abs().max() < 0.04                  # uniform within each part
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_same_moves_as_the_reference_rule_with_parts(seed: int) -> None:
+    rnd = random.Random(100 + seed)
+    parts, part = rnd.choice([2, 3, 4]), rnd.randint(2, 9)    # odd part sizes included
+    size, k, iph = parts * part, rnd.choice([1, 3, 16]), rnd.randint(1, 4)
+    thresh = rnd.choice([0.05, 0.2, 0.4])
+    weights = torch.tensor([rnd.random() ** 3 for _ in range(size)])
+    noise = torch.Generator().manual_seed(seed)
+    s = LayerSearch("l", size, start=0, iters_per_half=iph, thresh=thresh, parts=parts)
+    ref = ReferenceLayer(size, iph, thresh, parts=parts)
+    gen = torch.Generator().manual_seed(seed)
+    decided = []
+    for step in range(300):
+        if not s.active(step):
+            assert ref.g() == 0
+            break
+        assert s.g == ref.g() == parts * s.h
+        masks = s.draw(k, gen)
+        assert ((~masks & s.space).view(k, parts, part).sum(dim=2) == s.h).all()
+        t = scripted_damage(weights, masks) * (1 + 0.1 * torch.rand(k, generator=noise,
+                                                                     dtype=torch.float64))
+        s.record(masks, t)
+        ref.record(dropped_sets(masks, ref.alive), t.tolist())
+        move, expect = s.end_step(step), ref.end_step()
+        assert (move is None) == (expect is None)
+        if move is not None:
+            decided.append(move.action)
+            assert move.action == expect[0] and move.parts == parts
+            if move.action == "prune":
+                assert set(move.pruned) == expect[1]
+                assert len(set(counts_per_part(~s.alive, parts))) == 1
+        assert set(s.alive.nonzero().flatten().tolist()) == ref.alive
+        assert set(s.space.nonzero().flatten().tolist()) == ref.space
+        assert len(set(counts_per_part(s.alive, parts))) == 1    # equal counts kept per part
+        assert len(set(counts_per_part(s.space, parts))) == 1
+    assert "prune" in decided
+
+
+def test_parts_prune_down_to_one_filter_per_part() -> None:
+    # every attempt is free (t = 0 < thresh): each half prunes h of every part, down to one each
+    s = LayerSearch("l", 21, start=0, iters_per_half=1, thresh=1.0, parts=3)    # parts of 7
+    gen, widths = torch.Generator().manual_seed(0), []
+    step = 0
+    while s.active(step):
+        masks = s.draw(2, gen)
+        s.record(masks, torch.zeros(2, dtype=torch.float64))
+        move = s.end_step(step)
+        assert move.action == "prune" and len(move.pruned) == move.as_dict()["g"]
+        widths.append(move.width)
+        step += 1
+    assert widths == [12, 6, 3]                 # per part 7 -> 4 -> 2 -> 1
+    assert counts_per_part(s.alive, 3) == [1, 1, 1] and s.g == 0
+    with pytest.raises(RuntimeError, match="one filter left per part"):
+        s.draw(1, gen)
+
+
+def test_parts_threshold_is_over_the_whole_of_p() -> None:
+    # part 0's lightest filter is free, part 1's both cost: P = {0, 2} (one per part); its worst
+    # average (filter 2) is above thresh, so nothing is pruned although filter 0 alone would pass
+    s = LayerSearch("l", 4, start=0, iters_per_half=1, thresh=0.1, parts=2)
+    masks = torch.ones(4, 4, dtype=torch.bool)
+    for row, (a, b) in enumerate([(0, 2), (1, 3), (0, 3), (1, 2)]):
+        masks[row, [a, b]] = False
+    s.record(masks, torch.tensor([0.2, 0.9, 0.5, 0.6], dtype=torch.float64))
+    # averages: 0: 0.35, 1: 0.75, 2: 0.4, 3: 0.7
+    move = s.end_step(0)
+    assert move.action == "reset" and move.worst == pytest.approx(0.4) and s.alive.all()
+    s.record(masks, torch.tensor([0.02, 0.9, 0.05, 0.6], dtype=torch.float64))
+    # averages: 0: 0.035, 1: 0.75, 2: 0.31, 3: 0.475 -> P = {0, 2}, worst 0.31: still no
+    assert s.end_step(1).action == "reset"
+    s.record(masks, torch.tensor([0.02, 0.9, 0.05, 0.08], dtype=torch.float64))
+    # averages: 0: 0.035, 1: 0.49, 2: 0.05, 3: 0.475 -> P = {0, 2}, worst 0.05 < 0.1: prune
+    move = s.end_step(2)
+    assert move.action == "prune" and move.pruned == [0, 2] and move.as_dict()["g"] == 2
+    assert s.alive.tolist() == [False, True, False, True]
+
+
+def test_parts_state_dict_round_trip_and_checks() -> None:
+    w = torch.rand(12, generator=torch.Generator().manual_seed(0))
+    a = LayerSearch("l", 12, start=0, iters_per_half=2, thresh=0.3, parts=3)
+    gen_a = torch.Generator().manual_seed(1)
+    for step in range(5):
+        m = a.draw(4, gen_a)
+        a.record(m, scripted_damage(w, m))
+        a.end_step(step)
+    b = LayerSearch("l", 12, start=0, iters_per_half=2, thresh=0.3, parts=3)
+    b.load_state_dict(a.state_dict())
+    gen_b = torch.Generator()
+    gen_b.set_state(gen_a.get_state())
+    for step in range(5, 20):
+        if not a.active(step):
+            break
+        ma, mb = a.draw(4, gen_a), b.draw(4, gen_b)
+        assert torch.equal(ma, mb)
+        for s, m in ((a, ma), (b, mb)):
+            s.record(m, scripted_damage(w, m))
+        assert a.end_step(step) == b.end_step(step)
+    with pytest.raises(ValueError, match="parts=3, this search 2"):
+        LayerSearch("l", 12, start=0, iters_per_half=2, thresh=0.3,
+                    parts=2).load_state_dict(a.state_dict())
+    one = LayerSearch("l", 12, start=0, iters_per_half=2, thresh=0.3)
+    old = one.state_dict()
+    del old["parts"]                            # a checkpoint written before parts existed
+    LayerSearch("l", 12, start=0, iters_per_half=2, thresh=0.3).load_state_dict(old)
+    broken = a.state_dict()
+    broken["space"] = torch.ones(12, dtype=torch.bool)
+    broken["space"][[0, 1]] = False             # 2, 4, 4 in the parts: not a valid state
+    b.load_state_dict(broken)
+    with pytest.raises(RuntimeError, match="same number of filters in each of its 3 parts"):
+        b.draw(1, gen_b)

@@ -45,10 +45,11 @@ def make_plan(model: nn.Module, example: tuple[torch.Tensor, ...], s: Settings) 
     """Targets (``s.targets``), followers, MACs; a ``ValueError`` when ``s.target_flops`` is
     below what the searched groups can reach."""
     analysis = analyze(model, example)
-    groups = select_targets(analysis.groups, s.targets, model)
+    groups = select_targets(analysis.groups, s.targets, model, search_parts=s.criterion is None)
     starts = start_steps(len(groups), s.iters_per_half, s.warmup_iters)
     searches = [LayerSearch(g.name, g.size, start=start, iters_per_half=s.iters_per_half,
-                            thresh=float(s.thresh)) for g, start in zip(groups, starts)]
+                            thresh=float(s.thresh), parts=g.granularity)
+                for g, start in zip(groups, starts)]
     targets, consumers = build_targets(model, analysis.gm, groups, s.pricing_bn_mode, searches)
     macs = MacsModel(model, example, targets)
     macs_before, params_before = count_flops(model, example)
@@ -56,7 +57,8 @@ def make_plan(model: nn.Module, example: tuple[torch.Tensor, ...], s: Settings) 
     if s.target_flops < smallest:
         raise ValueError(
             f"target_flops={s.target_flops} cannot be reached: with one filter left in each of "
-            f"the {len(targets)} searched groups the model keeps {smallest:.3f} of its MACs (the "
-            "rest is in layers that are not searched); raise target_flops or pass targets='all'")
+            f"the {len(targets)} searched groups (one per part in grouped-conv and chunk groups) "
+            f"the model keeps {smallest:.3f} of its MACs (the rest is in layers that are not "
+            "searched); raise target_flops or pass targets='all'")
     return Plan(targets, consumers, macs, macs_before, params_before,
                 {t.name: t.group.size for t in targets}, s.config(targets))
