@@ -6,7 +6,8 @@ backward, SGD step; the optimizer prune() builds) and the median of a few AOFP s
 first step (``warmup_iters=0``, ``iters_per_half=1``, ``thresh=0``: nothing is ever pruned, so
 every step prices every target). The search step is split into its parts by timing wrappers
 installed around prune()'s own functions (nothing in aofp_ext is edited): capture (the
-consumers' forward hooks: input capture and ``||Y_base||^2``), pricing (``pricing.price``),
+consumers' forward hooks: input capture and ``||Y_base||^2``), pricing (``pricing.price`` /
+``pricing.price_parts``),
 decision (``LayerSearch.draw/record/end_step``), and the rest (forward + backward + optimizer
 step). On CUDA each wrapper synchronises the device, which adds a little to the search step.
 
@@ -126,9 +127,10 @@ def patched(parts: Parts):
 
     swap(pricing.Consumer, "pre_hook", "capture")
     swap(pricing.Consumer, "post_hook", "capture")
-    for mod in (pruner, search_loop, pricing):   # every module that imported price by name
-        if hasattr(mod, "price"):
-            swap(mod, "price", "pricing")
+    for mod in (pruner, search_loop, pricing):   # every module that imported them by name
+        for name in ("price", "price_parts"):
+            if hasattr(mod, name):
+                swap(mod, name, "pricing")
     for name in ("draw", "record", "end_step"):
         swap(search.LayerSearch, name, "decision")
     try:

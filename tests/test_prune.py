@@ -159,6 +159,58 @@ def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
         monkeypatch.setattr(pricing, "PRICING", "fused")
 
 
+def _plain_output_norm2(self, y: torch.Tensor) -> torch.Tensor:
+    """``||f(y)||^2`` the plain way: the follower's BN and ReLU applied, squared, summed in
+    float64."""
+    scale, shift, eps = self.norm_terms()
+    y = y.detach().double()
+    if self.norm == "batch":
+        y = F.batch_norm(y, None, None, scale.double(), shift.double(), training=True, eps=eps)
+    elif self.norm == "affine":
+        y = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    if self.post == "relu":
+        y = torch.relu(y)
+    return y.pow(2).sum()
+
+
+def test_decisions_do_not_depend_on_the_pricing_path(monkeypatch) -> None:
+    """The same seed gives the same decisions whether the step prices on the fast paths (every
+    post-none follower on the moments path, ``||Y_base||^2`` by the closed form, one copy to the
+    host per step) or on the fused kernel with ``||Y_base||^2`` computed the plain way."""
+    from aofp_ext import ops
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+            for _ in range(3)]
+
+    def run() -> list[dict]:
+        torch.manual_seed(0)
+        r = aofp_ext.prune(resnet_cifar(8), data, example_inputs=data[0][0][:1],
+                           target_flops=0.3, masks_per_step=8, thresh=0.3, iters_per_half=1,
+                           warmup_iters=0, max_steps=8, progress=False)
+        return r.report["history"]
+
+    chosen = []
+    auto = ops._use_moments
+
+    def moments(x, weight, masks, args, forced):
+        chosen.append(auto(x, weight, masks, args, forced=True))
+        return chosen[-1]
+
+    monkeypatch.setattr(ops, "_use_moments", moments)
+    fast = run()
+    assert chosen and all(chosen)   # the resnet's followers (conv + BN, post none) all priced so
+    assert sum(m["action"] == "prune" for m in fast) >= 2
+    assert sum(m["action"] == "halve" for m in fast) >= 2
+    monkeypatch.setattr(ops, "_use_moments", lambda *a, **k: False)
+    monkeypatch.setattr(pricing.Consumer, "output_norm2", _plain_output_norm2)
+    plain = run()
+    assert len(plain) == len(fast)
+    for a, b in zip(fast, plain):
+        assert {k: v for k, v in a.items() if k != "worst"} == {
+            k: v for k, v in b.items() if k != "worst"}
+        assert a["worst"] == pytest.approx(b["worst"], rel=1e-4)
+
+
 def test_macs_bookkeeping_equals_count_flops_after_the_cut() -> None:
     gen = torch.Generator().manual_seed(0)
     for model, example in ((lenet5_bn(), LENET_IN), (resnet_cifar(20), torch.zeros(1, 3, 32, 32))):
