@@ -28,8 +28,6 @@ import torch
 import torch.nn.functional as F
 
 _BLOCK = 1 << 22          # floats per temporary block (16 MiB in float32)
-_KERNEL_SLOWDOWN = 2.0    # the fused kernel's multiply-add rate vs BLAS GEMM (cost model)
-_CALL_OVERHEAD = 3.0e7    # fixed cost of the torch path (about 40 torch ops: ~1.5 ms)
 
 
 def _geometry(x, weight, stride, padding, dilation):
@@ -59,17 +57,58 @@ def _bits(K: int, C: int) -> int:
     return best
 
 
-def fused_cost(C: int, O: int, T: int, P: int, K: int) -> float:
-    """Multiply-adds of the fused tile pass (contributions + subset tables + mask rows), scaled to
-    BLAS-equivalent units."""
-    b = _bits(K, C)
-    return _KERNEL_SLOWDOWN * O * P * C * (T + (1 << b) / b + K / b)
+# Cost model: which exact path is cheaper (docs/kernels.md, "The cost model"). Seconds on one
+# thread, fitted (non-negative least squares on the relative error) to the measured times of
+# both paths at ResNet-56, ResNet-50, MobileNetV2 and plain-conv follower shapes, K = 4..256, on
+# the 2-core AMD EPYC (torch 2.13, CPU). Each coefficient multiplies a count of the work named:
+#
+# fused: a fixed cost per call; the contributions (O P C T multiply-adds), the subset tables
+#   (O P C 2^b / b), the mask rows (O P C K / b; b = the kernel's table width) and the pass over
+#   the input (C T P);
+# moments: a fixed cost per call (about 40 torch calls); the im2col copy (C T P floats); the
+#   cheaper build of the moments (_build_cost, BLAS multiply-adds); the per-output Grams held in
+#   float64 (O C^2 entries, memory-bound: several passes); the mask forms (K O C^2, or K C^2 for
+#   none/affine, multiply-adds in one float32 GEMM).
+_FUSED_S = dict(call=2.7e-3, contrib=7.0e-11, tables=1.2e-10, masks=7.2e-11, cols=2.0e-9)
+_MOMENTS_S = dict(call=1.5e-3, cols=1.3e-9, build=3.0e-11, grams=9.0e-9, forms=4.0e-11)
 
 
-# Cost model (multiply-adds in units of a float32 BLAS GEMM multiply-add). Calibrated on the
-# 2-core CPU at K = 64 and 1024 (bench/results/kernels-cpu.md): float64 work, the einsum that
-# contracts the im2col Gram with the weights and the mask forms run at about a quarter of the
-# GEMM rate; the fused tile kernel at about half.
+def _threads(threads: int | None) -> int:
+    return max(1, int(threads if threads is not None else torch.get_num_threads()))
+
+
+def fused_cost(C: int, O: int, T: int, P: int, K: int, threads: int | None = None) -> float:
+    """Predicted seconds of the fused tile pass: all but the per-call cost is divided by
+    ``threads`` (default: torch's setting; the kernel splits its tiles over them)."""
+    c, b = _FUSED_S, _bits(K, C)
+    work = O * P * C * (c["contrib"] * T + c["tables"] * (1 << b) / b + c["masks"] * K / b)
+    return c["call"] + (work + c["cols"] * C * T * P) / _threads(threads)
+
+
+def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
+                 threads: int | None = None) -> float:
+    """Predicted seconds of the moments path (``batch``: norm="batch", per-output moments)."""
+    c = _MOMENTS_S
+    build, _ = _build_cost(C, O, T, P, per_output=batch)
+    grams = O * C * C if batch else C * C
+    # the BLAS products run on every thread; the im2col copy (of a tap-major view) and the
+    # float64 passes over the per-output Grams are memory-bound and taken as not speeding up
+    # with threads (at 2 threads on the 2-core CPU they did not; more is not measured)
+    serial = c["cols"] * C * T * P + c["grams"] * grams
+    return c["call"] + serial + (c["build"] * build + c["forms"] * K * grams) / _threads(threads)
+
+
+def choose(C: int, O: int, T: int, P: int, K: int, batch: bool,
+           threads: int | None = None) -> str:
+    """``"moments"`` or ``"fused"``: the path the cost model predicts to be faster."""
+    if moments_cost(C, O, T, P, K, batch, threads) < fused_cost(C, O, T, P, K, threads):
+        return "moments"
+    return "fused"
+
+
+# Relative rates inside the build (units of a float32 BLAS GEMM multiply-add): float64 work and
+# the einsum that contracts the im2col Gram with the weights run at about a quarter of the GEMM
+# rate.
 _F64 = 4.0
 
 
@@ -80,12 +119,6 @@ def _build_cost(C: int, O: int, T: int, P: int, per_output: bool) -> tuple[float
     sigma = ct * ct * P * (T + 1) / (2 * T) + (_F64 * O * C * C * T * T if per_output else ct * ct * O)
     z = 4 * O * C * P * T + (O * C * C * P if per_output else C * C * O * P)
     return (sigma, "sigma") if sigma <= z else (z, "z")
-
-
-def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool) -> float:
-    build, _ = _build_cost(C, O, T, P, per_output=batch)
-    forms = _F64 * K * O * C * C if batch else _F64 * K * C * C
-    return _CALL_OVERHEAD + build + forms
 
 
 def eligible(norm: str, post: str) -> bool:

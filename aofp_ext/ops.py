@@ -141,8 +141,7 @@ def _use_moments(x, weight, masks, args, forced: bool) -> bool:
         return False   # nothing to price: the op returns its zeros
     if forced:
         return True
-    batch = args["norm"] == "batch"
-    return _moments.moments_cost(C, O, T, P, K, batch) < _moments.fused_cost(C, O, T, P, K)
+    return _moments.choose(C, O, T, P, K, args["norm"] == "batch") == "moments"
 
 
 def _masked_damage_moments(x, weight, masks, args) -> torch.Tensor:

@@ -286,12 +286,37 @@ def test_method_argument_and_cost_model():
         ops.masked_damage(x, w, m, method="gemm")
     with pytest.raises(RuntimeError, match=r"masks must be \(K, C\) with C = 4"):
         ops.masked_damage(x, w, m[:, :3], method="moments")
-    # a ResNet-56 stage-3 follower (C = O = 64, 8x8, batch 64): moments at large K, and never
-    # for a ReLU follower
-    C, O, T, P = 64, 64, 9, 64 * 64
-    assert _moments.moments_cost(C, O, T, P, 1024, True) < _moments.fused_cost(C, O, T, P, 1024)
-    assert _moments.moments_cost(C, O, T, P, 64, False) < _moments.fused_cost(C, O, T, P, 64)
     assert not _moments.eligible("batch", "relu")
+
+
+@pytest.mark.parametrize("threads", [1, 2])   # the range it was calibrated on
+def test_cost_model_choices_are_sane(threads):
+    """The cost model's choices on the shapes where one path is far ahead (measured, docs/
+    kernels.md): ResNet-56 followers (3x3, C = O = 16/32/64, batch 64) on the moments path from
+    K = 256; a bottleneck conv3 (1x1, 64 -> 256, 16x16, batch 32) on it at every K; the widest
+    MobileNetV2 projection (1x1, 960 -> 320, 2x2) and a ResNet-50 conv3 at 4x4 (256 -> 1024) on
+    the fused pass at every K; the moments path's cost nearly flat in K where it is chosen."""
+    choose = _moments.choose
+    for C, hw in ((16, 32), (32, 16), (64, 8)):
+        P = 64 * hw * hw
+        assert choose(C, C, 9, P, 256, True, threads) == "moments"
+        assert choose(C, C, 9, P, 1024, True, threads) == "moments"
+        assert choose(C, C, 9, P, 256, False, threads) == "moments"
+        m = [_moments.moments_cost(C, C, 9, P, K, True, threads) for K in (16, 256)]
+        assert m[1] < 1.5 * m[0]
+    for K in (1, 4, 16, 64, 256, 1024):
+        assert choose(64, 256, 1, 32 * 16 * 16, K, True, threads) == "moments"
+        assert choose(960, 320, 1, 64 * 2 * 2, K, True, threads) == "fused"
+        assert choose(256, 1024, 1, 32 * 4 * 4, K, True, threads) == "fused"
+    # the bulk of both predictions runs on torch's threads; the per-call cost does not
+    f1, f2 = (_moments.fused_cost(32, 32, 9, 16384, 64, t) for t in (threads, 2 * threads))
+    assert f2 < f1 < 2 * f2
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)   # default: torch's setting
+        assert _moments.fused_cost(32, 32, 9, 16384, 64) == f1
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_channel_gram_blas_matches_kernel():
