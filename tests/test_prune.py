@@ -260,9 +260,21 @@ def test_prune_lenet_on_mnist_end_to_end(mnist_small, tmp_path) -> None:
     assert r["steps"] >= 1 and r["search_seconds"] > 0 and r["finetune_seconds"] > 0
     assert r["accuracy_before"] > 70
     assert r["accuracy_after_finetune"] > r["accuracy_before"] - 10
+    # inference latency of the pruned model next to the original's (on by default), at batch 1
+    # and the training batch (64), in one run
+    lat = r["latency"]
+    assert lat["training_batch"] == 64 and lat["threads"] == torch.get_num_threads()
+    assert set(lat["original"]) == set(lat["pruned"]) == set(lat["speedup"]) == {1, 64}
+    for b in (1, 64):
+        assert lat["original"][b]["repeats"] == lat["pruned"][b]["repeats"] == 10
+        assert 0 < lat["pruned"][b]["min_s"] <= lat["pruned"][b]["median_s"]
+        assert lat["speedup"][b] == pytest.approx(
+            lat["original"][b]["median_s"] / lat["pruned"][b]["median_s"])
     # outputs: report files and a model that aofp_ext.load restores
     assert json.loads((tmp_path / "report.json").read_text())["macs_after"] == macs
-    assert "| conv1 | 20 |" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "| conv1 | 20 |" in md and "Inference latency (cpu, " in md
+    assert f"| 64 | {lat['original'][64]['median_s'] * 1e3:.2f} ms | " in md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "widths.png").stat().st_size > 1000
     fresh = aofp_ext.load(lenet5_bn(), tmp_path / "model.pt").eval()
@@ -448,11 +460,13 @@ def test_targets_all_and_named_groups_end_to_end() -> None:
                        masks_per_step=4, thresh=10.0, iters_per_half=1, warmup_iters=0,
                        progress=False).report
     assert "b1_out.0" in r["targets"] and r["reached_target"]
+    assert r["latency"]["training_batch"] == 32 and set(r["latency"]["speedup"]) == {1, 32}
     assert aofp_ext.count_flops(net, x[:1])[0] == r["macs_after"]
     assert net(x).shape == (64, 5)
     lenet = lenet5_bn()
     r = aofp_ext.prune(lenet, _small_loader(), example_inputs=LENET_IN, target_flops=0.9,
                        targets=["fc1"], masks_per_step=4, thresh=10.0, iters_per_half=1,
-                       warmup_iters=0, progress=False).report
+                       warmup_iters=0, progress=False, latency=False).report
     assert r["targets"] == ["fc1"] and lenet.fc1.out_features == r["widths_after"]["fc1"] < 500
+    assert r["latency"] is None   # latency=False: not measured, no copy of the model kept
     assert lenet.fc2.in_features == lenet.fc1.out_features
