@@ -194,6 +194,43 @@ def test_moments_sweep(N, C, O, H, W, k, stride, padding, dilation, K, norm, bia
     assert_damage_close(got, ops.masked_damage_reference(x, w, masks, **args))
 
 
+def _im2col_gram_reference(x, kh, kw, padding, dilation, centre):
+    cols = torch.nn.functional.unfold(x.double(), (kh, kw), dilation=dilation, padding=padding)
+    cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)         # (C*T, P), channel-major
+    if centre:
+        cols = cols - cols.mean(dim=1, keepdim=True)
+    return cols @ cols.T
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(1, 3), C=st.integers(1, 6), H=st.integers(1, 9), W=st.integers(1, 9),
+    kh=st.integers(1, 4), kw=st.integers(1, 4), ph=st.integers(0, 4), pw=st.integers(0, 4),
+    dh=st.integers(1, 3), dw=st.integers(1, 3), offset=st.sampled_from([0.0, 3.0, 300.0]),
+    block=st.sampled_from([1 << 22, 40]), seed=st.integers(0, 2**31 - 1),
+)
+def test_lag_gram_equals_the_im2col_gram(N, C, H, W, kh, kw, ph, pw, dh, dw, offset, block,
+                                         seed):
+    """Stride 1: the Gram from lagged products (any padding, also wider than the kernel's
+    reach, where some taps read only zeros; dilation; odd kernels; one or many sample blocks)
+    equals the im2col Gram, centred or not, against float64 (float32 data: 1e-4 of the largest
+    entry, as the float32 im2col route)."""
+    ho, wo = H + 2 * ph - dh * (kh - 1), W + 2 * pw - dw * (kw - 1)
+    if ho < 1 or wo < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=gen) + offset
+    w = torch.empty(2, C, kh, kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_moments, "_BLOCK", block)
+        for centre in (False, True):
+            ref = _im2col_gram_reference(x, kh, kw, (ph, pw), (dh, dw), centre)
+            got = _moments._lag_gram(x, w, (ph, pw), (dh, dw), centre)
+            assert got.dtype == torch.float64 and got.shape == ref.shape
+            assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max()) + 1e-12
+            assert torch.equal(got, got.T)
+
+
 @pytest.mark.parametrize("norm", LINEAR_MODES)
 @pytest.mark.parametrize(
     "shape",
@@ -212,7 +249,8 @@ def test_moments_shapes_and_both_routes(shape, norm, monkeypatch):
         args = dict(padding=shape["k"] // 2, norm=norm, **kw)
         ref = ops.masked_damage_reference(x, w, masks, **args)
         for route in ("sigma", "z"):   # both ways to the moments, whatever the cost model says
-            monkeypatch.setattr(_moments, "_build_cost", lambda *a, route=route, **k: (0.0, route))
+            monkeypatch.setattr(_moments, "_build_cost",
+                                lambda *a, route=route, **k: (0.0, route, 0.0, 0.0))
             assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args), ref)
 
 
