@@ -224,9 +224,9 @@ def _lag_gram(x, weight, padding, dilation, centre: bool) -> torch.Tensor:
     ``R_t`` the input positions tap ``t`` reads (the output grid shifted by ``o_t``, clipped to
     the image; ``x`` is zero outside it). That is the lagged product over the whole image,
     ``Lam_D = sum_q x_c(q) x_e(q + D)`` (one GEMM per lag on two views of one zero-padded flat
-    copy of the input: ``(2kh - 1)(2kw - 1) / 2`` GEMMs, ``Lam_-D = Lam_D^T``; 13 for 3x3 against
-    the 45 blocks of the im2col Gram), minus the same sum over the image border strips that
-    ``t`` does not read (small rectangles). Data are shifted by a per-channel mean first
+    copy of the input: ``(2kh - 1)(2kw - 1) / 2`` GEMMs; 13 for 3x3 against the 45 blocks of
+    the im2col Gram), minus the same sum over the image border strips that ``t`` does not read
+    (small rectangles, each computed once). Data are shifted by a per-channel mean first
     (``centre``); the shift's exact contribution is added back from rectangle sums, so the
     result is the Gram of the unshifted rows, centred or not."""
     N, C, H, W = x.shape
@@ -240,10 +240,22 @@ def _lag_gram(x, weight, padding, dilation, centre: bool) -> torch.Tensor:
     G = mh * wq + mw                                # guard before and after the samples
     taps = [(i * dh - ph, j * dw - pw) for i in range(kh) for j in range(kw)]
     reads = [(max(0, r), min(H, r + ho), max(0, s), min(W, s + wo)) for r, s in taps]  # R_t
+    pairs = [(t, u) for t in range(T) for u in range(t, T)]      # u >= t: D in a half-plane
+    lag_of = [(taps[u][0] - taps[t][0], taps[u][1] - taps[t][1]) for t, u in pairs]
+    lags = sorted(set(lag_of))
+    lag_index = torch.tensor([lags.index(d) for d in lag_of], device=x.device)
+    dead = torch.tensor([reads[t][0] >= reads[t][1] or reads[t][2] >= reads[t][3]
+                         for t, _ in pairs], device=x.device)   # t reads no input position
+    strips: dict[tuple, list[int]] = {}   # (rows, cols, D) of the image minus R_t -> pairs
+    for k, ((t, _), (dr, ds)) in enumerate(zip(pairs, lag_of)):
+        r0, r1, c0, c1 = reads[t]
+        for rect in ((0, r0, 0, W), (r1, H, 0, W), (r0, r1, 0, c0), (r0, r1, c1, W)):
+            if rect[0] < rect[1] and rect[2] < rect[3] and r0 < r1 and c0 < c1:
+                strips.setdefault((*rect, dr, ds), []).append(k)
     step = _samples_per_block(N, C * S)
     mu = x[:step].mean(dim=(0, 2, 3)) if centre else x.new_zeros(C)
-    V = torch.zeros(T, T, C, C, dtype=torch.float64, device=x.device)   # sum over R_t, shifted
-    X1 = torch.zeros(C, H, W, dtype=torch.float64, device=x.device)     # shifted, summed over n
+    V = torch.zeros(len(pairs), C, C, dtype=torch.float64, device=x.device)  # shifted data
+    X1 = torch.zeros(C, H, W, dtype=torch.float64, device=x.device)   # shifted, summed over n
     for n0 in range(0, N, step):
         xb = x[n0:n0 + step] - mu.view(1, C, 1, 1)
         n = xb.shape[0]
@@ -255,68 +267,52 @@ def _lag_gram(x, weight, padding, dilation, centre: bool) -> torch.Tensor:
         body[:, :, H:] = 0
         body[:, :, :H, W:] = 0
         X1 += xb.sum(dim=0).double()     # of shifted data: float32 partial sums suffice
-        lam: dict = {}
 
         def shifted(dr: int, ds: int) -> torch.Tensor:
             d = dr * wq + ds
             return F_[:, G + d:G + d + n * S]
 
-        def lagged(dr: int, ds: int) -> torch.Tensor:
-            if (dr, ds) not in lam:
-                if dr > 0 or (dr == 0 and ds >= 0):
-                    lam[dr, ds] = torch.matmul(shifted(0, 0), shifted(dr, ds).t()).double()
-                else:
-                    lam[dr, ds] = lagged(-dr, -ds).t()
-            return lam[dr, ds]
-
-        strips: dict = {}
-
-        def rect(r0, r1, c0, c1, dr, ds) -> torch.Tensor | float:
-            if r0 >= r1 or c0 >= c1:
-                return 0.0
-            key = (r0, r1, c0, c1, dr, ds)
-            if key not in strips:
-                a = shifted(0, 0).view(C, n, H + mh, wq)[:, :, r0:r1, c0:c1].reshape(C, -1)
-                b = shifted(dr, ds).view(C, n, H + mh, wq)[:, :, r0:r1, c0:c1].reshape(C, -1)
-                strips[key] = torch.matmul(a, b.t()).double()
-            return strips[key]
-
-        for t in range(T):
-            r0, r1, c0, c1 = reads[t]
-            for u in range(t, T):
-                dr, ds = taps[u][0] - taps[t][0], taps[u][1] - taps[t][1]
-                if r0 >= r1 or c0 >= c1:
-                    continue                        # tap t reads no input position
-                # the image minus R_t: the rows above and below, the columns left and right
-                V[t, u] += (lagged(dr, ds) - rect(0, r0, 0, W, dr, ds) - rect(r1, H, 0, W, dr, ds)
-                            - rect(r0, r1, 0, c0, dr, ds) - rect(r0, r1, c1, W, dr, ds))
+        lam = torch.stack([torch.matmul(shifted(0, 0), shifted(*d).t()) for d in lags])
+        vb = lam.double()[lag_index]                                   # (pairs, C, C)
+        for (r0, r1, c0, c1, dr, ds), ks in strips.items():
+            a = shifted(0, 0).view(C, n, H + mh, wq)[:, :, r0:r1, c0:c1].reshape(C, -1)
+            b = shifted(dr, ds).view(C, n, H + mh, wq)[:, :, r0:r1, c0:c1].reshape(C, -1)
+            vb[ks] -= torch.matmul(a, b.t()).double()
+        vb[dead] = 0
+        V += vb
     # the shift's contribution: row (c, t) = shifted row + mu_c m_t (m_t: t reads the image)
     pre = F.pad(X1.cumsum(1).cumsum(2), (1, 0, 1, 0))          # 2-D prefix sums
 
-    def total(r0, r1, c0, c1) -> torch.Tensor:                  # (C,) sum over a rectangle
-        if r0 >= r1 or c0 >= c1:
-            return X1.new_zeros(C)
-        return pre[:, r1, c1] - pre[:, r0, c1] - pre[:, r1, c0] + pre[:, r0, c0]
+    def totals(rects: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len, C) sums over the rectangles and their areas (empty ones: 0)."""
+        def clip(a, b, hi):
+            a = min(max(a, 0), hi)
+            return a, min(max(a, b), hi)
+
+        r = torch.tensor([(*clip(a, b, H), *clip(c, d, W)) for a, b, c, d in rects],
+                         device=x.device).reshape(-1, 4)
+        r0, r1, c0, c1 = r.unbind(1)
+        s = pre[:, r1, c1] - pre[:, r0, c1] - pre[:, r1, c0] + pre[:, r0, c0]
+        return s.t(), ((r1 - r0) * (c1 - c0)).double()
 
     def both(t, dr, ds):      # R_t and the positions D away that are in the image
         r0, r1, c0, c1 = reads[t]
         return max(r0, -dr), min(r1, H - dr), max(c0, -ds), min(c1, W - ds)
 
     m = mu.double()
-    sums = torch.stack([total(*reads[t]) + N * max(0, r1 - r0) * max(0, c1 - c0) * m
-                        for t, (r0, r1, c0, c1) in enumerate(reads)])   # (T, C): row sums
+    tt = torch.tensor([t for t, _ in pairs], device=x.device)
+    uu = torch.tensor([u for _, u in pairs], device=x.device)
+    s1, area = totals([both(t, dr, ds) for (t, _), (dr, ds) in zip(pairs, lag_of)])
+    s2, _ = totals([both(u, -dr, -ds) for (_, u), (dr, ds) in zip(pairs, lag_of)])
+    blk = (V + s1[:, :, None] * m[None, None, :] + m[None, :, None] * s2[:, None, :]
+           + (N * area)[:, None, None] * torch.outer(m, m))
+    if centre:
+        row, n_read = totals(reads)
+        sums = row + N * n_read[:, None] * m                   # (T, C): the rows' sums
+        blk = blk - sums[tt][:, :, None] * sums[uu][:, None, :] / P
     g = torch.zeros(T, C, T, C, dtype=torch.float64, device=x.device)
-    for t in range(T):
-        for u in range(t, T):
-            dr, ds = taps[u][0] - taps[t][0], taps[u][1] - taps[t][1]
-            a0, a1, b0, b1 = both(t, dr, ds)
-            count = N * max(0, a1 - a0) * max(0, b1 - b0)
-            blk = (V[t, u] + torch.outer(total(a0, a1, b0, b1), m)
-                   + torch.outer(m, total(*both(u, -dr, -ds))) + count * torch.outer(m, m))
-            if centre:
-                blk = blk - torch.outer(sums[t], sums[u]) / P
-            g[t, :, u] = blk
-            g[u, :, t] = blk.t()
+    g[uu, :, tt] = blk.transpose(1, 2)
+    g[tt, :, uu] = blk
     return _sym(g.permute(1, 0, 3, 2).reshape(C * T, C * T))
 
 
