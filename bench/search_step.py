@@ -250,7 +250,8 @@ def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wa
         f"- machine: {machine(device)}; device {device}",
         f"- load average (1, 5, 15 min): at the start {load_start}; at the end {loadavg()}",
         f"- command: `python bench/search_step.py {' '.join(argv)}` ({wall:.0f} s)",
-        "- plain step: forward + backward + SGD step (prune()'s optimizer); search step: one "
+        "- plain step: forward + backward + SGD step (prune()'s optimizer), timed right before "
+        "each row's search steps; search step: one "
         "step of `prune()` with every target active (iters_per_half=1, thresh=0, "
         "warmup_iters=0); medians of the timed steps, side by side in one process, same "
         "model, batch, threads. Parts of the search step (medians): capture = the consumers' "
@@ -323,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         base = spec.make().to(a.device)
         data = batches(spec, a.device, 4)
-        plain = statistics.median(plain_steps(copy.deepcopy(base), data, a.device, steps))
-        for K in ks:
+        for K in ks:    # the plain step right before each search run: both see the same load
+            plain = statistics.median(plain_steps(copy.deepcopy(base), data, a.device, steps))
             times, parts, n_t = search_steps(copy.deepcopy(base), data, a.device, steps, K)
             s = statistics.median(times)
             row = dict(model=spec.name, key=name, targets=n_t, batch=spec.batch,
