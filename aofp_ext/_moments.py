@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 _BLOCK = 1 << 22          # floats per temporary block (16 MiB in float32)
-_KERNEL_SLOWDOWN = 2.0    # the fused kernel's multiply-add rate vs BLAS GEMM (cost model)
-_CALL_OVERHEAD = 3.0e7    # fixed cost of the torch path (about 40 torch ops: ~1.5 ms)
+#: Stride-1 convs: the im2col Gram from lagged products (:func:`_lag_gram`), not the im2col matrix
+LAG_GRAM = True
 
 
 def _geometry(x, weight, stride, padding, dilation):
@@ -59,33 +59,106 @@ def _bits(K: int, C: int) -> int:
     return best
 
 
-def fused_cost(C: int, O: int, T: int, P: int, K: int) -> float:
-    """Multiply-adds of the fused tile pass (contributions + subset tables + mask rows), scaled to
-    BLAS-equivalent units."""
-    b = _bits(K, C)
-    return _KERNEL_SLOWDOWN * O * P * C * (T + (1 << b) / b + K / b)
+# Cost model: which exact path is cheaper (docs/kernels.md, "The cost model"). Seconds on one
+# thread, fitted (non-negative least squares on the relative error) to the measured times of
+# both paths at ResNet-56, ResNet-50, MobileNetV2 and plain-conv follower shapes, K = 4..256, on
+# the 2-core AMD EPYC (torch 2.13, CPU). Each coefficient multiplies a count of the work named:
+#
+# fused: a fixed cost per call; the contributions (O P C T multiply-adds), the subset tables
+#   (O P C 2^b / b), the mask rows (O P C K / b; b = the kernel's table width) and the pass over
+#   the input (C T P);
+# moments: a fixed cost per call (about 40 torch calls); the copy of the input (C T P floats
+#   for the im2col matrix, about C P for the lag Gram of a stride-1 conv, plus its Python work
+#   per tap pair); the cheaper build of the moments (_build_cost, BLAS multiply-adds; the lag
+#   Gram's coefficients are taken from the im2col one's); the per-output Grams held in
+#   float64 (O C^2 entries, memory-bound: several passes); the mask forms (K O C^2, or K C^2 for
+#   none/affine, multiply-adds in one float32 GEMM).
+_FUSED_S = dict(call=2.7e-3, contrib=7.0e-11, tables=1.2e-10, masks=7.2e-11, cols=2.0e-9)
+_MOMENTS_S = dict(call=1.5e-3, cols=1.3e-9, build=3.0e-11, grams=9.0e-9, forms=4.0e-11)
 
 
-# Cost model (multiply-adds in units of a float32 BLAS GEMM multiply-add). Calibrated on the
-# 2-core CPU at K = 64 and 1024 (bench/results/kernels-cpu.md): float64 work, the einsum that
-# contracts the im2col Gram with the weights and the mask forms run at about a quarter of the
-# GEMM rate; the fused tile kernel at about half.
+def _threads(threads: int | None) -> int:
+    return max(1, int(threads if threads is not None else torch.get_num_threads()))
+
+
+def fused_cost(C: int, O: int, T: int, P: int, K: int, threads: int | None = None) -> float:
+    """Predicted seconds of the fused tile pass: all but the per-call cost is divided by
+    ``threads`` (default: torch's setting; the kernel splits its tiles over them)."""
+    c, b = _FUSED_S, _bits(K, C)
+    work = O * P * C * (c["contrib"] * T + c["tables"] * (1 << b) / b + c["masks"] * K / b)
+    return c["call"] + (work + c["cols"] * C * T * P) / _threads(threads)
+
+
+def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
+                 threads: int | None = None, lag: tuple[int, int, int] | None = None) -> float:
+    """Predicted seconds of the moments path (``batch``: norm="batch", per-output moments;
+    ``lag``: :func:`lag_shape` of a stride-1 conv, whose im2col Gram may come from lagged
+    products)."""
+    c = _MOMENTS_S
+    build, _, copied, fixed = _build_cost(C, O, T, P, per_output=batch, lag=lag)
+    grams = O * C * C if batch else C * C
+    # the BLAS products run on every thread; the copies of the input and the float64 passes
+    # over the per-output Grams are memory-bound and taken as not speeding up with threads (at
+    # 2 threads on the 2-core CPU they did not; more is not measured)
+    serial = c["cols"] * copied + c["grams"] * grams
+    return (c["call"] + fixed + serial
+            + (c["build"] * build + c["forms"] * K * grams) / _threads(threads))
+
+
+def choose(C: int, O: int, T: int, P: int, K: int, batch: bool,
+           threads: int | None = None, lag: tuple[int, int, int] | None = None) -> str:
+    """``"moments"`` or ``"fused"``: the path the cost model predicts to be faster."""
+    if moments_cost(C, O, T, P, K, batch, threads, lag) < fused_cost(C, O, T, P, K, threads):
+        return "moments"
+    return "fused"
+
+
+# Relative rates inside the build (units of a float32 BLAS GEMM multiply-add): float64 work and
+# the einsum that contracts the im2col Gram with the weights run at about a quarter of the GEMM
+# rate.
 _F64 = 4.0
+_PAIR_S = 1.5e-4    # seconds per tap pair of the lag Gram's Python work (strips, assembly)
 
 
-def _build_cost(C: int, O: int, T: int, P: int, per_output: bool) -> tuple[float, str]:
-    """The cheaper way to the moments: ``sigma`` (the im2col Gram, one GEMM, contracted with
-    the weights) or ``z`` (the contributions by a batched matmul, then their Grams)."""
-    ct = C * T
-    sigma = ct * ct * P * (T + 1) / (2 * T) + (_F64 * O * C * C * T * T if per_output else ct * ct * O)
+def lag_shape(x, weight, stride, padding, dilation) -> tuple[int, int, int] | None:
+    """``(lags, tap pairs, flat length)`` of :func:`_lag_gram` for a stride-1 conv, else None."""
+    if x.dim() != 4 or tuple(stride) != (1, 1) or not LAG_GRAM:
+        return None
+    kh, kw = weight.shape[2:]
+    lags = ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
+    T = kh * kw
+    flat = x.shape[0] * (x.shape[2] + dilation[0] * (kh - 1)) * (x.shape[3] + dilation[1] * (kw - 1))
+    return lags, T * (T + 1) // 2, flat
+
+
+def _gram_route(C: int, T: int, P: int, lag) -> tuple[float, float, float, bool]:
+    """``(GEMM multiply-adds, floats copied, fixed seconds, lagged)`` of the cheaper way to the
+    im2col Gram: the im2col matrix (tap-major blocks ``u >= t``) or lagged products."""
+    im2col = ((C * T) ** 2 * P * (T + 1) / (2 * T), C * T * P, 0.0)
+    if lag is not None:
+        lags, pairs, flat = lag
+        lagged = (lags * C * C * flat, C * flat, _PAIR_S * pairs)
+
+        def secs(r):
+            return _MOMENTS_S["build"] * r[0] + _MOMENTS_S["cols"] * r[1] + r[2]
+
+        if secs(lagged) < secs(im2col):
+            return (*lagged, True)
+    return (*im2col, False)
+
+
+def _build_cost(C: int, O: int, T: int, P: int, per_output: bool, lag=None
+                ) -> tuple[float, str, float, float]:
+    """The cheaper way to the moments: ``sigma`` (the im2col Gram, contracted with the weights)
+    or ``z`` (the contributions by a batched matmul, then their Grams). Returns (BLAS
+    multiply-adds, route, floats copied, fixed seconds)."""
+    gram, copied, fixed, _ = _gram_route(C, T, P, lag)
+    sigma = gram + (_F64 * O * C * C * T * T if per_output else C * T * C * T * O)
     z = 4 * O * C * P * T + (O * C * C * P if per_output else C * C * O * P)
-    return (sigma, "sigma") if sigma <= z else (z, "z")
-
-
-def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool) -> float:
-    build, _ = _build_cost(C, O, T, P, per_output=batch)
-    forms = _F64 * K * O * C * C if batch else _F64 * K * C * C
-    return _CALL_OVERHEAD + build + forms
+    zs, ss = _MOMENTS_S["build"] * z, _MOMENTS_S["build"] * sigma + fixed
+    if ss <= zs + _MOMENTS_S["cols"] * (C * T * P - copied):
+        return sigma, "sigma", copied, fixed
+    return z, "z", C * T * P, 0.0
 
 
 def eligible(norm: str, post: str) -> bool:
@@ -143,6 +216,106 @@ def _im2col(x, ks, stride, padding, dilation, shift=None, tap_major=False) -> to
     return v.reshape(C * kh * kw, n * ho * wo)
 
 
+def _lag_gram(x, weight, padding, dilation, centre: bool) -> torch.Tensor:
+    """``_im2col_gram`` of a stride-1 conv without the im2col matrix, from lagged products.
+
+    Tap ``t`` reads the input at ``q = p + o_t`` (``o_t = (i dh - ph, j dw - pw)``), so the Gram
+    block of taps ``(t, u)`` is ``sum_{q in R_t} x_c(q) x_e(q + D)`` with ``D = o_u - o_t`` and
+    ``R_t`` the input positions tap ``t`` reads (the output grid shifted by ``o_t``, clipped to
+    the image; ``x`` is zero outside it). That is the lagged product over the whole image,
+    ``Lam_D = sum_q x_c(q) x_e(q + D)`` (one GEMM per lag on two views of one zero-padded flat
+    copy of the input: ``(2kh - 1)(2kw - 1) / 2`` GEMMs; 13 for 3x3 against the 45 blocks of
+    the im2col Gram), minus the same sum over the image border strips that ``t`` does not read
+    (small rectangles, each computed once). Data are shifted by a per-channel mean first
+    (``centre``); the shift's exact contribution is added back from rectangle sums, so the
+    result is the Gram of the unshifted rows, centred or not."""
+    N, C, H, W = x.shape
+    kh, kw = weight.shape[2:]
+    (ph, pw), (dh, dw) = padding, dilation
+    ho, wo = H + 2 * ph - dh * (kh - 1), W + 2 * pw - dw * (kw - 1)
+    T, P = kh * kw, N * ho * wo
+    mh, mw = dh * (kh - 1), dw * (kw - 1)           # zero margins: every lag stays in them
+    wq = W + mw
+    S = (H + mh) * wq                               # one sample in the flat layout
+    G = mh * wq + mw                                # guard before and after the samples
+    taps = [(i * dh - ph, j * dw - pw) for i in range(kh) for j in range(kw)]
+    reads = [(max(0, r), min(H, r + ho), max(0, s), min(W, s + wo)) for r, s in taps]  # R_t
+    pairs = [(t, u) for t in range(T) for u in range(t, T)]      # u >= t: D in a half-plane
+    lag_of = [(taps[u][0] - taps[t][0], taps[u][1] - taps[t][1]) for t, u in pairs]
+    lags = sorted(set(lag_of))
+    lag_index = torch.tensor([lags.index(d) for d in lag_of], device=x.device)
+    dead = torch.tensor([reads[t][0] >= reads[t][1] or reads[t][2] >= reads[t][3]
+                         for t, _ in pairs], device=x.device)   # t reads no input position
+    strips: dict[tuple, list[int]] = {}   # (rows, cols, D) of the image minus R_t -> pairs
+    for k, ((t, _), (dr, ds)) in enumerate(zip(pairs, lag_of)):
+        r0, r1, c0, c1 = reads[t]
+        for rect in ((0, r0, 0, W), (r1, H, 0, W), (r0, r1, 0, c0), (r0, r1, c1, W)):
+            if rect[0] < rect[1] and rect[2] < rect[3] and r0 < r1 and c0 < c1:
+                strips.setdefault((*rect, dr, ds), []).append(k)
+    step = _samples_per_block(N, C * S)
+    mu = x[:step].mean(dim=(0, 2, 3)) if centre else x.new_zeros(C)
+    V = torch.zeros(len(pairs), C, C, dtype=torch.float64, device=x.device)  # shifted data
+    X1 = torch.zeros(C, H, W, dtype=torch.float64, device=x.device)   # shifted, summed over n
+    for n0 in range(0, N, step):
+        xb = x[n0:n0 + step] - mu.view(1, C, 1, 1)
+        n = xb.shape[0]
+        F_ = x.new_empty(C, G + n * S + G)      # guards and margins zero, the image inside
+        F_[:, :G] = 0
+        F_[:, G + n * S:] = 0
+        body = F_[:, G:G + n * S].view(C, n, H + mh, wq)
+        body[:, :, :H, :W] = xb.transpose(0, 1)
+        body[:, :, H:] = 0
+        body[:, :, :H, W:] = 0
+        X1 += xb.sum(dim=0).double()     # of shifted data: float32 partial sums suffice
+
+        def shifted(dr: int, ds: int) -> torch.Tensor:
+            d = dr * wq + ds
+            return F_[:, G + d:G + d + n * S]
+
+        lam = torch.stack([torch.matmul(shifted(0, 0), shifted(*d).t()) for d in lags])
+        vb = lam.double()[lag_index]                                   # (pairs, C, C)
+        for (r0, r1, c0, c1, dr, ds), ks in strips.items():
+            a = shifted(0, 0).view(C, n, H + mh, wq)[:, :, r0:r1, c0:c1].reshape(C, -1)
+            b = shifted(dr, ds).view(C, n, H + mh, wq)[:, :, r0:r1, c0:c1].reshape(C, -1)
+            vb[ks] -= torch.matmul(a, b.t()).double()
+        vb[dead] = 0
+        V += vb
+    # the shift's contribution: row (c, t) = shifted row + mu_c m_t (m_t: t reads the image)
+    pre = F.pad(X1.cumsum(1).cumsum(2), (1, 0, 1, 0))          # 2-D prefix sums
+
+    def totals(rects: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len, C) sums over the rectangles and their areas (empty ones: 0)."""
+        def clip(a, b, hi):
+            a = min(max(a, 0), hi)
+            return a, min(max(a, b), hi)
+
+        r = torch.tensor([(*clip(a, b, H), *clip(c, d, W)) for a, b, c, d in rects],
+                         device=x.device).reshape(-1, 4)
+        r0, r1, c0, c1 = r.unbind(1)
+        s = pre[:, r1, c1] - pre[:, r0, c1] - pre[:, r1, c0] + pre[:, r0, c0]
+        return s.t(), ((r1 - r0) * (c1 - c0)).double()
+
+    def both(t, dr, ds):      # R_t and the positions D away that are in the image
+        r0, r1, c0, c1 = reads[t]
+        return max(r0, -dr), min(r1, H - dr), max(c0, -ds), min(c1, W - ds)
+
+    m = mu.double()
+    tt = torch.tensor([t for t, _ in pairs], device=x.device)
+    uu = torch.tensor([u for _, u in pairs], device=x.device)
+    s1, area = totals([both(t, dr, ds) for (t, _), (dr, ds) in zip(pairs, lag_of)])
+    s2, _ = totals([both(u, -dr, -ds) for (_, u), (dr, ds) in zip(pairs, lag_of)])
+    blk = (V + s1[:, :, None] * m[None, None, :] + m[None, :, None] * s2[:, None, :]
+           + (N * area)[:, None, None] * torch.outer(m, m))
+    if centre:
+        row, n_read = totals(reads)
+        sums = row + N * n_read[:, None] * m                   # (T, C): the rows' sums
+        blk = blk - sums[tt][:, :, None] * sums[uu][:, None, :] / P
+    g = torch.zeros(T, C, T, C, dtype=torch.float64, device=x.device)
+    g[uu, :, tt] = blk.transpose(1, 2)
+    g[tt, :, uu] = blk
+    return _sym(g.permute(1, 0, 3, 2).reshape(C * T, C * T))
+
+
 def _im2col_gram(x, weight, stride, padding, dilation, centre: bool) -> torch.Tensor:
     """``(C*T, C*T)`` float64 Gram of the im2col rows (channel-major), centred or not.
 
@@ -150,6 +323,9 @@ def _im2col_gram(x, weight, stride, padding, dilation, centre: bool) -> torch.Te
     per tap ``t``: ``X_t [X_t; ...; X_{T-1}]^T``), about ``(T + 1) / 2T`` of the full product;
     the rest is the transpose."""
     C, _, T, P = _geometry(x, weight, stride, padding, dilation)
+    lag = lag_shape(x, weight, stride, padding, dilation)
+    if lag is not None and _gram_route(C, T, P, lag)[3]:
+        return _lag_gram(x, weight, padding, dilation, centre)
     g = torch.zeros(T, C, T, C, dtype=torch.float64, device=x.device)
     sums = torch.zeros(T * C, dtype=torch.float64, device=x.device)
     for cols in _cols(x, weight, stride, padding, dilation, centre=centre, tap_major=True):
@@ -214,7 +390,8 @@ def per_output_grams(x, weight, stride, padding, dilation) -> Iterator[tuple[int
     """``(o0, o1, Gc)`` per block of output channels: ``Gc`` ``(o1 - o0, C, C)`` float64, the
     centred Gram of the contributions for each output channel."""
     C, O, T, P = _geometry(x, weight, stride, padding, dilation)
-    _, route = _build_cost(C, O, T, P, per_output=True)
+    _, route, _, _ = _build_cost(C, O, T, P, per_output=True,
+                                 lag=lag_shape(x, weight, stride, padding, dilation))
     ob = max(1, min(O, _BLOCK // max(1, C * C * T)))
     if route == "sigma":
         # float32 from here: the centred Gram has no large common part left to cancel
@@ -241,7 +418,8 @@ def output_summed_gram(x, weight, stride, padding, dilation, scale=None) -> torc
     """``(C, C)`` float64: ``G = sum_o scale_o^2 Z_o Z_o^T`` (uncentred), the damage quadratic
     form at a linear follower output."""
     C, O, T, P = _geometry(x, weight, stride, padding, dilation)
-    _, route = _build_cost(C, O, T, P, per_output=False)
+    _, route, _, _ = _build_cost(C, O, T, P, per_output=False,
+                                 lag=lag_shape(x, weight, stride, padding, dilation))
     w = weight.reshape(O, C * T).float()
     if scale is not None:
         w = w * scale.float()[:, None]

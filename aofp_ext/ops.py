@@ -175,8 +175,8 @@ def _use_moments(x, weight, masks, args, forced: bool) -> bool:
         return False   # nothing to price: the op returns its zeros
     if forced:
         return True
-    batch = args["norm"] == "batch"
-    return _moments.moments_cost(C, O, T, P, K, batch) < _moments.fused_cost(C, O, T, P, K)
+    lag = _moments.lag_shape(x, weight, args["stride"], args["padding"], args["dilation"])
+    return _moments.choose(C, O, T, P, K, args["norm"] == "batch", lag=lag) == "moments"
 
 
 def _masked_damage_moments(x, weight, masks, args) -> torch.Tensor:

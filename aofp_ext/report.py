@@ -50,6 +50,20 @@ def markdown(report: dict[str, Any]) -> str:
                             for a in ("prune", "halve", "reset"))
         lines.append(f"| {name} | {report['widths_before'][name]} | "
                      f"{report['widths_after'][name]} | {counts} |")
+    lat = report.get("latency")
+    if lat:
+        where = lat["device"] + (f", {lat['threads']} CPU threads" if lat["device"] == "cpu"
+                                 else f", {lat.get('gpu', '')}")
+        lines += ["", f"Inference latency ({where}; {lat['timer']}; eval mode, median of "
+                  f"{next(iter(lat['original'].values()))['repeats']} interleaved forwards; "
+                  f"torch {lat['torch']}); the MACs ratio is "
+                  f"{report['macs_after'] / max(report['macs_before'], 1):.3f}, i.e. "
+                  f"{report['macs_before'] / max(report['macs_after'], 1):.2f}x fewer MACs:", "",
+                  "| batch | original | pruned | speed-up |", "|---:|---:|---:|---:|"]
+        for b, orig in lat["original"].items():
+            lines.append(f"| {b} | {orig['median_s'] * 1e3:.2f} ms | "
+                         f"{lat['pruned'][b]['median_s'] * 1e3:.2f} ms | "
+                         f"{lat['speedup'][b]:.2f}x |")
     if report.get("resumed_from"):
         lines += ["", f"Resumed from a checkpoint ({report['resumed_from']})."]
     return "\n".join(lines) + "\n"

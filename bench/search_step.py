@@ -6,7 +6,8 @@ backward, SGD step; the optimizer prune() builds) and the median of a few AOFP s
 first step (``warmup_iters=0``, ``iters_per_half=1``, ``thresh=0``: nothing is ever pruned, so
 every step prices every target). The search step is split into its parts by timing wrappers
 installed around prune()'s own functions (nothing in aofp_ext is edited): capture (the
-consumers' forward hooks: input capture and ``||Y_base||^2``), pricing (``pricing.price``),
+consumers' forward hooks: input capture and ``||Y_base||^2``), pricing (``pricing.price`` /
+``pricing.price_parts``),
 decision (``LayerSearch.draw/record/end_step``), and the rest (forward + backward + optimizer
 step). On CUDA each wrapper synchronises the device, which adds a little to the search step.
 
@@ -16,31 +17,38 @@ step). On CUDA each wrapper synchronises the device, which adds a little to the 
 ``--tiny``: batch 4 at reduced inputs, one timed step per run: a dry run in seconds.
 ResNet-50 / ResNet-152 (torchvision, 64x64, batch 32) are skipped when torchvision is absent.
 Weights are random (pricing cost does not depend on them).
+
+OMP_WAIT_POLICY is set to PASSIVE (unless set), as in bench/prune.py: on a CPU shared with other
+processes OpenMP's spin-waiting made a batch-4 ResNet-56 training step take 7.4 s instead of
+0.15 s here.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import datetime
-import json
 import os
-import platform
-import statistics
-import sys
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch is imported
 
-from aofp_ext import models as zoo
-from aofp_ext import pricing, pruner, search
-from aofp_ext.pruner import search_loop
-from _common import cpu_name  # bench/, first on sys.path
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from aofp_ext import models as zoo  # noqa: E402
+from aofp_ext import pricing, pruner, search  # noqa: E402
+from aofp_ext.pruner import search_loop  # noqa: E402
+from _common import cpu_name  # noqa: E402  (bench/, first on sys.path)
 
 ALL_MODELS = ("resnet20", "resnet56", "vgg16", "mobilenetv2", "lenet", "resnet50", "resnet152")
 
@@ -126,9 +134,10 @@ def patched(parts: Parts):
 
     swap(pricing.Consumer, "pre_hook", "capture")
     swap(pricing.Consumer, "post_hook", "capture")
-    for mod in (pruner, search_loop, pricing):   # every module that imported price by name
-        if hasattr(mod, "price"):
-            swap(mod, "price", "pricing")
+    for mod in (pruner, search_loop, pricing):   # every module that imported them by name
+        for name in ("price", "price_parts"):
+            if hasattr(mod, name):
+                swap(mod, name, "pricing")
     for name in ("draw", "record", "end_step"):
         swap(search.LayerSearch, name, "decision")
     try:
@@ -208,7 +217,8 @@ def search_steps(model: nn.Module, data, device: str, steps: int, K: int
     with patched(parts):
         pruner.prune(model, data, example_inputs=data[0][0][:1], target_flops=0.9,
                      masks_per_step=K, thresh=0.0, iters_per_half=1, warmup_iters=0,
-                     max_steps=steps + 2, device=device, progress=False, callback=count)
+                     max_steps=steps + 2, device=device, progress=False, callback=count,
+                     latency=False)
     times = [b - a for a, b in zip(stamps, stamps[1:])][1:]     # drop the warm-up step
     shares = {k: statistics.median(p[k] for p in per_step[2:]) for k in per_step[0]}
     if not all(p["pricing"] > 0 and p["capture"] > 0 for p in per_step[2:]):
@@ -247,7 +257,8 @@ def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wa
         f"- machine: {machine(device)}; device {device}",
         f"- load average (1, 5, 15 min): at the start {load_start}; at the end {loadavg()}",
         f"- command: `python bench/search_step.py {' '.join(argv)}` ({wall:.0f} s)",
-        "- plain step: forward + backward + SGD step (prune()'s optimizer); search step: one "
+        "- plain step: forward + backward + SGD step (prune()'s optimizer), timed right before "
+        "each row's search steps; search step: one "
         "step of `prune()` with every target active (iters_per_half=1, thresh=0, "
         "warmup_iters=0); medians of the timed steps, side by side in one process, same "
         "model, batch, threads. Parts of the search step (medians): capture = the consumers' "
@@ -320,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         base = spec.make().to(a.device)
         data = batches(spec, a.device, 4)
-        plain = statistics.median(plain_steps(copy.deepcopy(base), data, a.device, steps))
-        for K in ks:
+        for K in ks:    # the plain step right before each search run: both see the same load
+            plain = statistics.median(plain_steps(copy.deepcopy(base), data, a.device, steps))
             times, parts, n_t = search_steps(copy.deepcopy(base), data, a.device, steps, K)
             s = statistics.median(times)
             row = dict(model=spec.name, key=name, targets=n_t, batch=spec.batch,

@@ -194,6 +194,45 @@ def test_moments_sweep(N, C, O, H, W, k, stride, padding, dilation, K, norm, bia
     assert_damage_close(got, ops.masked_damage_reference(x, w, masks, **args))
 
 
+def _im2col_gram_reference(x, kh, kw, padding, dilation, centre):
+    cols = torch.nn.functional.unfold(x.double(), (kh, kw), dilation=dilation, padding=padding)
+    cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)         # (C*T, P), channel-major
+    if centre:
+        cols = cols - cols.mean(dim=1, keepdim=True)
+    return cols @ cols.T
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(1, 3), C=st.integers(1, 6), H=st.integers(1, 9), W=st.integers(1, 9),
+    kh=st.integers(1, 4), kw=st.integers(1, 4), ph=st.integers(0, 4), pw=st.integers(0, 4),
+    dh=st.integers(1, 3), dw=st.integers(1, 3), offset=st.sampled_from([0.0, 3.0, 300.0]),
+    block=st.sampled_from([1 << 22, 40]), seed=st.integers(0, 2**31 - 1),
+)
+def test_lag_gram_equals_the_im2col_gram(N, C, H, W, kh, kw, ph, pw, dh, dw, offset, block,
+                                         seed):
+    """Stride 1: the Gram from lagged products (any padding, also wider than the kernel's
+    reach, where some taps read only zeros; dilation; odd kernels; one or many sample blocks)
+    equals the im2col Gram, centred or not, against float64."""
+    ho, wo = H + 2 * ph - dh * (kh - 1), W + 2 * pw - dw * (kw - 1)
+    if ho < 1 or wo < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=gen) + offset
+    w = torch.empty(2, C, kh, kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_moments, "_BLOCK", block)
+        for centre in (False, True):
+            ref = _im2col_gram_reference(x, kh, kw, (ph, pw), (dh, dw), centre)
+            got = _moments._lag_gram(x, w, (ph, pw), (dh, dw), centre)
+            assert got.dtype == torch.float64 and got.shape == ref.shape
+            # float32 data: 1e-4 of the largest entry, plus the rounding of the shift by the
+            # mean (about 1e-7 of |x|^2 per position; a centred Gram can be exactly 0)
+            tol = 1e-4 * float(ref.abs().max()) + 1e-9 * float(x.abs().max()) ** 2 * N * ho * wo
+            assert float((got - ref).abs().max()) <= tol
+            assert torch.equal(got, got.T)
+
+
 @pytest.mark.parametrize("norm", LINEAR_MODES)
 @pytest.mark.parametrize(
     "shape",
@@ -212,7 +251,8 @@ def test_moments_shapes_and_both_routes(shape, norm, monkeypatch):
         args = dict(padding=shape["k"] // 2, norm=norm, **kw)
         ref = ops.masked_damage_reference(x, w, masks, **args)
         for route in ("sigma", "z"):   # both ways to the moments, whatever the cost model says
-            monkeypatch.setattr(_moments, "_build_cost", lambda *a, route=route, **k: (0.0, route))
+            monkeypatch.setattr(_moments, "_build_cost",
+                                lambda *a, route=route, **k: (0.0, route, 0.0, 0.0))
             assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args), ref)
 
 
@@ -286,12 +326,37 @@ def test_method_argument_and_cost_model():
         ops.masked_damage(x, w, m, method="gemm")
     with pytest.raises(RuntimeError, match=r"masks must be \(K, C\) with C = 4"):
         ops.masked_damage(x, w, m[:, :3], method="moments")
-    # a ResNet-56 stage-3 follower (C = O = 64, 8x8, batch 64): moments at large K, and never
-    # for a ReLU follower
-    C, O, T, P = 64, 64, 9, 64 * 64
-    assert _moments.moments_cost(C, O, T, P, 1024, True) < _moments.fused_cost(C, O, T, P, 1024)
-    assert _moments.moments_cost(C, O, T, P, 64, False) < _moments.fused_cost(C, O, T, P, 64)
     assert not _moments.eligible("batch", "relu")
+
+
+@pytest.mark.parametrize("threads", [1, 2])   # the range it was calibrated on
+def test_cost_model_choices_are_sane(threads):
+    """The cost model's choices on the shapes where one path is far ahead (measured, docs/
+    kernels.md): ResNet-56 followers (3x3, C = O = 16/32/64, batch 64) on the moments path from
+    K = 256; a bottleneck conv3 (1x1, 64 -> 256, 16x16, batch 32) on it at every K; the widest
+    MobileNetV2 projection (1x1, 960 -> 320, 2x2) and a ResNet-50 conv3 at 4x4 (256 -> 1024) on
+    the fused pass at every K; the moments path's cost nearly flat in K where it is chosen."""
+    choose = _moments.choose
+    for C, hw in ((16, 32), (32, 16), (64, 8)):
+        P = 64 * hw * hw
+        assert choose(C, C, 9, P, 256, True, threads) == "moments"
+        assert choose(C, C, 9, P, 1024, True, threads) == "moments"
+        assert choose(C, C, 9, P, 256, False, threads) == "moments"
+        m = [_moments.moments_cost(C, C, 9, P, K, True, threads) for K in (16, 256)]
+        assert m[1] < 1.5 * m[0]
+    for K in (1, 4, 16, 64, 256, 1024):
+        assert choose(64, 256, 1, 32 * 16 * 16, K, True, threads) == "moments"
+        assert choose(960, 320, 1, 64 * 2 * 2, K, True, threads) == "fused"
+        assert choose(256, 1024, 1, 32 * 4 * 4, K, True, threads) == "fused"
+    # the bulk of both predictions runs on torch's threads; the per-call cost does not
+    f1, f2 = (_moments.fused_cost(32, 32, 9, 16384, 64, t) for t in (threads, 2 * threads))
+    assert f2 < f1 < 2 * f2
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)   # default: torch's setting
+        assert _moments.fused_cost(32, 32, 9, 16384, 64) == f1
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_channel_gram_blas_matches_kernel():

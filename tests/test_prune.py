@@ -205,6 +205,58 @@ def test_price_equals_masked_forwards(case: str, monkeypatch) -> None:
         monkeypatch.setattr(pricing, "PRICING", "fused")
 
 
+def _plain_output_norm2(self, y: torch.Tensor) -> torch.Tensor:
+    """``||f(y)||^2`` the plain way: the follower's BN and ReLU applied, squared, summed in
+    float64."""
+    scale, shift, eps = self.norm_terms()
+    y = y.detach().double()
+    if self.norm == "batch":
+        y = F.batch_norm(y, None, None, scale.double(), shift.double(), training=True, eps=eps)
+    elif self.norm == "affine":
+        y = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    if self.post == "relu":
+        y = torch.relu(y)
+    return y.pow(2).sum()
+
+
+def test_decisions_do_not_depend_on_the_pricing_path(monkeypatch) -> None:
+    """The same seed gives the same decisions whether the step prices on the fast paths (every
+    post-none follower on the moments path, ``||Y_base||^2`` by the closed form, one copy to the
+    host per step) or on the fused kernel with ``||Y_base||^2`` computed the plain way."""
+    from aofp_ext import ops
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+            for _ in range(3)]
+
+    def run() -> list[dict]:
+        torch.manual_seed(0)
+        r = aofp_ext.prune(resnet_cifar(8), data, example_inputs=data[0][0][:1],
+                           target_flops=0.3, masks_per_step=8, thresh=0.3, iters_per_half=1,
+                           warmup_iters=0, max_steps=8, progress=False)
+        return r.report["history"]
+
+    chosen = []
+    auto = ops._use_moments
+
+    def moments(x, weight, masks, args, forced):
+        chosen.append(auto(x, weight, masks, args, forced=True))
+        return chosen[-1]
+
+    monkeypatch.setattr(ops, "_use_moments", moments)
+    fast = run()
+    assert chosen and all(chosen)   # the resnet's followers (conv + BN, post none) all priced so
+    assert sum(m["action"] == "prune" for m in fast) >= 2
+    assert sum(m["action"] == "halve" for m in fast) >= 2
+    monkeypatch.setattr(ops, "_use_moments", lambda *a, **k: False)
+    monkeypatch.setattr(pricing.Consumer, "output_norm2", _plain_output_norm2)
+    plain = run()
+    assert len(plain) == len(fast)
+    for a, b in zip(fast, plain):
+        assert {k: v for k, v in a.items() if k != "worst"} == {
+            k: v for k, v in b.items() if k != "worst"}
+        assert a["worst"] == pytest.approx(b["worst"], rel=1e-4)
+
+
 def test_macs_bookkeeping_equals_count_flops_after_the_cut() -> None:
     gen = torch.Generator().manual_seed(0)
     for model, example, targets in ((lenet5_bn(), LENET_IN, "auto"),
@@ -264,9 +316,21 @@ def test_prune_lenet_on_mnist_end_to_end(mnist_small, tmp_path) -> None:
     assert r["steps"] >= 1 and r["search_seconds"] > 0 and r["finetune_seconds"] > 0
     assert r["accuracy_before"] > 70
     assert r["accuracy_after_finetune"] > r["accuracy_before"] - 10
+    # inference latency of the pruned model next to the original's (on by default), at batch 1
+    # and the training batch (64), in one run
+    lat = r["latency"]
+    assert lat["training_batch"] == 64 and lat["threads"] == torch.get_num_threads()
+    assert set(lat["original"]) == set(lat["pruned"]) == set(lat["speedup"]) == {1, 64}
+    for b in (1, 64):
+        assert lat["original"][b]["repeats"] == lat["pruned"][b]["repeats"] == 10
+        assert 0 < lat["pruned"][b]["min_s"] <= lat["pruned"][b]["median_s"]
+        assert lat["speedup"][b] == pytest.approx(
+            lat["original"][b]["median_s"] / lat["pruned"][b]["median_s"])
     # outputs: report files and a model that aofp_ext.load restores
     assert json.loads((tmp_path / "report.json").read_text())["macs_after"] == macs
-    assert "| conv1 | 20 |" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "| conv1 | 20 |" in md and "Inference latency (cpu, " in md
+    assert f"| 64 | {lat['original'][64]['median_s'] * 1e3:.2f} ms | " in md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "widths.png").stat().st_size > 1000
     fresh = aofp_ext.load(lenet5_bn(), tmp_path / "model.pt").eval()
@@ -452,13 +516,15 @@ def test_targets_all_and_named_groups_end_to_end() -> None:
                        masks_per_step=4, thresh=10.0, iters_per_half=1, warmup_iters=0,
                        progress=False).report
     assert "b1_out.0" in r["targets"] and r["reached_target"]
+    assert r["latency"]["training_batch"] == 32 and set(r["latency"]["speedup"]) == {1, 32}
     assert aofp_ext.count_flops(net, x[:1])[0] == r["macs_after"]
     assert net(x).shape == (64, 5)
     lenet = lenet5_bn()
     r = aofp_ext.prune(lenet, _small_loader(), example_inputs=LENET_IN, target_flops=0.9,
                        targets=["fc1"], masks_per_step=4, thresh=10.0, iters_per_half=1,
-                       warmup_iters=0, progress=False).report
+                       warmup_iters=0, progress=False, latency=False).report
     assert r["targets"] == ["fc1"] and lenet.fc1.out_features == r["widths_after"]["fc1"] < 500
+    assert r["latency"] is None   # latency=False: not measured, no copy of the model kept
     assert lenet.fc2.in_features == lenet.fc1.out_features
 
 

@@ -14,6 +14,7 @@ See docs/prune.md and docs/architecture.md.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from .criterion import select_by_criterion
 from .cut import cut, redo_cut
 from .finetune import finetune
 from .plan import make_plan
-from .report import build_report, write_outputs
+from .report import build_report, measure_latency, write_outputs
 from .run_checkpoint import CHECKPOINT_NAME, RunCheckpoint, start_or_resume
 from .search_loop import AofpSearch
 from .settings import Settings
@@ -87,6 +88,7 @@ def prune(
     method_options: dict[str, Any] | None = None,
     calibration_batches: int = 8,
     calibration_loader: Iterable | None = None,
+    latency: bool = True,
 ) -> PruneResult:
     """Prune the filters of ``model`` with AOFP until its MACs fall to ``target_flops``.
 
@@ -140,6 +142,12 @@ def prune(
         calibration_loader: where a criterion reads them (default: the first batches of
             ``train_loader``). Loss-based criteria need batches the model has not memorised:
             with a net that fits its training set, pass held-out or augmented data here.
+        latency: time the pruned model's inference against the original's, side by side in
+            one run (:func:`aofp_ext.latency.compare`: eval mode, interleaved forwards, the
+            median of 10 after 2 warm-up ones, at batch 1 and the training batch; threads and
+            timer stated) into ``report["latency"]``. It keeps a copy of the original model
+            (its weights, on ``device``) for the run and costs about 20 forwards of each model
+            per batch size; ``False``: none of it (``report["latency"]`` is ``None``).
 
     Under ``torch.distributed`` (a process group of several processes, e.g. ``torchrun``) every
     rank calls ``prune`` with the same arguments and its own shard of the data: the ranks train
@@ -162,6 +170,7 @@ def prune(
         bn_mode=bn_mode, targets=targets, seed=seed)
     dev = torch.device(device) if device is not None else model_device(model)
     example, was_training = _to_device(model, example_inputs, dev), model.training
+    original = copy.deepcopy(model) if latency else None   # the reference of the latency
     plan = make_plan(model, example, s)
     s.check_same_on_every_rank(plan.config, optimizer is None, checkpoint_dir)
     own_optimizer = optimizer is None
@@ -170,8 +179,8 @@ def prune(
     store = RunCheckpoint(checkpoint_dir)
     run = start_or_resume(store, plan.config, seed, lambda: evaluate(model, eval_fn))
 
+    batches = Batches(train_loader, example, dev)
     if run.phase == "search":
-        batches = Batches(train_loader, example, dev)
         if run.saved is not None:
             run.restore_search(model, optimizer, plan.targets, batches, gen,
                                lr if own_optimizer else None)
@@ -192,6 +201,8 @@ def prune(
 
     model.train(was_training)
     report = build_report(model, example, plan, s, run, dev)
+    report["latency"] = (measure_latency(original, model, example, batches)
+                         if original is not None else None)
     if out_dir is not None and ddist.is_main():
         write_outputs(model, report, out_dir)
     ddist.note("the end")

@@ -75,6 +75,7 @@ class Batches:
         self.epoch, self.index = 0, 0
         self.it: Any = None
         self.epoch_rng: dict[str, Any] | None = None
+        self.seen_batch: int | None = None   # samples in the first batch this run checked
 
     def _loader_gen(self) -> torch.Generator | None:
         return loader_generator(self.loader)
@@ -139,10 +140,19 @@ class Batches:
                 labels.shape[0] != inputs[0].shape[0]):
             raise ValueError(f"train_loader yields {inputs[0].shape[0]} inputs but "
                              f"{labels.shape[0]} targets in one batch")
+        if self.seen_batch is None:
+            self.seen_batch = int(inputs[0].shape[0])
         return to_device(inputs, self.device), to_device(labels, self.device)
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "index": self.index, "epoch_rng": self.epoch_rng}
+
+    def batch_size(self) -> int:
+        """The training batch size: that of the first batch this run read, else (a run resumed
+        after its search) of the loader's first batch, from a fresh iterator."""
+        if self.seen_batch is None:
+            self.check(next(iter(self.loader)))
+        return self.seen_batch
 
     def restore(self, state: dict[str, Any]) -> None:
         """Re-create the iterator of the saved epoch and skip the batches already used. The

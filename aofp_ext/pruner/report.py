@@ -11,11 +11,12 @@ import torch
 import torch.nn as nn
 
 from ..flops import count_flops
+from .batches import Batches
 from .plan import Plan
 from .run_checkpoint import RunState
 from .settings import Settings
 
-__all__ = ["build_report", "write_outputs"]
+__all__ = ["build_report", "measure_latency", "write_outputs"]
 
 
 def build_report(model: nn.Module, example: tuple[torch.Tensor, ...], plan: Plan, s: Settings,
@@ -53,6 +54,26 @@ def build_report(model: nn.Module, example: tuple[torch.Tensor, ...], plan: Plan
         "resumed_from": info.get("resumed_from"),
         "history": list(run.history),
     }
+
+
+#: Forwards of :func:`measure_latency` (per model and batch size): cheap next to any search.
+LATENCY_REPEATS, LATENCY_WARMUP = 10, 2
+
+
+def measure_latency(original: nn.Module, pruned: nn.Module, example: tuple[torch.Tensor, ...],
+                    batches: Batches) -> dict[str, Any] | None:
+    """``report["latency"]``: :func:`aofp_ext.latency.compare` of the original and the pruned
+    model at batch 1 and the training batch (the size of the loader's first batch), built from
+    the example's samples; ``None`` for a model with several inputs."""
+    from ..latency import compare
+
+    if len(example) != 1:
+        return None
+    train_batch = batches.batch_size()
+    r = compare(original, pruned, example[0], batch=train_batch, repeats=LATENCY_REPEATS,
+                warmup=LATENCY_WARMUP)
+    r["training_batch"] = train_batch
+    return r
 
 
 def write_outputs(model: nn.Module, report: dict[str, Any], out_dir: str | os.PathLike) -> None:

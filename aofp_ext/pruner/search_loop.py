@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as ddist
-from ..pricing import Target, price
+from ..pricing import Target, price_parts
 from .batches import Batches, rng_state
 from .common import NonFiniteLossError, progress_bar
 from .plan import Plan
@@ -98,15 +98,17 @@ class AofpSearch:
 
     def _draw_price_record(self, active: list[Target]) -> None:
         """K attempts per active target, priced on its followers' captured inputs; the damage
-        relative to ``||Y_base||^2`` recorded (distributed: every rank's batch, summed)."""
+        relative to ``||Y_base||^2`` recorded (distributed: every rank's batch, summed). One
+        device-to-host copy and one finiteness check for the whole step."""
         drawn = [(t, t.search.draw(self.s.masks_per_step, self.gen)) for t in active]
-        parts = [price(t, masks.to(self.device), parts=True) for t, masks in drawn]
-        for (t, masks), (damage, base) in zip(drawn, ddist.sum_damages(parts)):
-            tt = damage / max(base, 1e-30)
-            if not bool(torch.isfinite(tt).all()):
-                raise NonFiniteLossError(
-                    f"non-finite damage for '{t.name}' at step {self.run_state.step}: the "
-                    "follower's activations are not finite")
+        parts = price_parts([(t, masks.to(self.device)) for t, masks in drawn])
+        tts = [damage / max(base, 1e-30) for damage, base in ddist.sum_damages(parts)]
+        if tts and not bool(torch.isfinite(torch.cat(tts)).all()):
+            bad = next(t for (t, _), tt in zip(drawn, tts) if not bool(torch.isfinite(tt).all()))
+            raise NonFiniteLossError(
+                f"non-finite damage for '{bad.name}' at step {self.run_state.step}: the "
+                "follower's activations are not finite")
+        for (t, masks), tt in zip(drawn, tts):
             t.search.record(masks, tt)
 
     def _decide(self) -> None:
