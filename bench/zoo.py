@@ -164,12 +164,15 @@ def render(rows: list[Row], command: str, seconds: float, loads: tuple[float, fl
         *([f"**Partial run**: {len(pending)} models not run yet: "
            + ", ".join(f"{s}:{n}" for s, n in pending) + ".", ""] if pending else []),
         "Random weights (seeded), random BN statistics, eval mode, a batch of one 64 x 64 image "
-        "(56 for vit_h_14, 96 for the Inception / Xception nets, 224 for maxvit_t).",
+        "(56 for vit_h_14, 96 for the Inception / Xception nets, 224 for maxvit_t and the Swin "
+        "nets, whose windows need it).",
         "Columns: channel groups; prunable groups; groups `aofp_ext.prune` searches with "
         "`targets=\"auto\"` / `\"all\"`; the smallest MACs fraction reachable with "
-        "`targets=\"all\"` (every searched group cut to one channel per producing module) and "
-        "with every prunable group cut (grouped-conv and `chunk` groups too, which the AOFP "
-        "search skips: they need equal counts per part); the relative error of a random cut of "
+        "`targets=\"all\"` (every searched group cut to one channel per producing module, and "
+        "per part in grouped-conv and `chunk` groups, which the AOFP search searches with equal "
+        "counts kept in every part) and with every prunable group cut (the features of flattened "
+        "vectors too, e.g. a classifier's hidden Linear, which `targets=\"all\"` does not "
+        "search); the relative error of a random cut of "
         "every prunable group against `masked_forward`; seconds for the row; modules made opaque "
         "leaves (torch.fx cannot trace them); why the conv groups that are not prunable are not "
         "(the most frequent reasons, shortened).",
@@ -256,8 +259,9 @@ def _render_shards(files: list[str], out: str) -> None:
     pending = [tuple(c) for s in shards for c in s["pending"] if tuple(c) not in by_model]
     seconds = max(s["seconds"] for s in shards)
     loads = (max(s["loads"][0] for s in shards), max(s["loads"][1] for s in shards))
-    command = ("python bench/zoo.py --shard I/N --json F (in parallel), then --render "
-               + " ".join(Path(f).name for f in files))
+    names = " ".join(Path(f).name for f in files)
+    command = (f"python bench/zoo.py --json {names}, then --render {names}" if len(files) == 1
+               else f"python bench/zoo.py --shard I/N --json F (in parallel), then --render {names}")
     Path(out).write_text(render(rows, command, seconds, loads, pending))
     print(f"wrote {out}")
 
