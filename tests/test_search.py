@@ -252,21 +252,29 @@ def test_same_moves_as_the_reference_rule(seed: int) -> None:
         if not s.active(step):
             assert ref.g() == 0
             break
-        masks = s.draw(k, gen)
-        t = scripted_damage(weights, masks) * (1 + 0.1 * torch.rand(k, generator=noise,
-                                                                     dtype=torch.float64))
-        s.record(masks, t)
-        ref.record(dropped_sets(masks, ref.alive), t.tolist())
-        move, expect = s.end_step(step), ref.end_step()
-        assert (move is None) == (expect is None)
-        if move is not None:
-            moves += 1
-            assert move.action == expect[0]
-            if move.action == "prune":
-                assert set(move.pruned) == expect[1]
-        assert set(s.alive.nonzero().flatten().tolist()) == ref.alive
-        assert set(s.space.nonzero().flatten().tolist()) == ref.space
+        move = _step_both(s, ref, s.draw(k, gen), weights, noise, step)
+        moves += move is not None
     assert moves > 0
+
+
+def _step_both(s: LayerSearch, ref: ReferenceLayer, masks: torch.Tensor, weights: torch.Tensor,
+               noise: torch.Generator, step: int):
+    """One step of the search and of the reference on the same noisy scripted damages; the same
+    move (action, pruned filters), alive set and search space. Returns the move."""
+    k = masks.shape[0]
+    t = scripted_damage(weights, masks) * (1 + 0.1 * torch.rand(k, generator=noise,
+                                                                 dtype=torch.float64))
+    s.record(masks, t)
+    ref.record(dropped_sets(masks, ref.alive), t.tolist())
+    move, expect = s.end_step(step), ref.end_step()
+    assert (move is None) == (expect is None)
+    if move is not None:
+        assert move.action == expect[0]
+        if move.action == "prune":
+            assert set(move.pruned) == expect[1]
+    assert set(s.alive.nonzero().flatten().tolist()) == ref.alive
+    assert set(s.space.nonzero().flatten().tolist()) == ref.space
+    return move
 
 
 def test_state_dict_round_trip_continues_identically() -> None:
@@ -372,20 +380,12 @@ def test_same_moves_as_the_reference_rule_with_parts(seed: int) -> None:
         assert s.g == ref.g() == parts * s.h
         masks = s.draw(k, gen)
         assert ((~masks & s.space).view(k, parts, part).sum(dim=2) == s.h).all()
-        t = scripted_damage(weights, masks) * (1 + 0.1 * torch.rand(k, generator=noise,
-                                                                     dtype=torch.float64))
-        s.record(masks, t)
-        ref.record(dropped_sets(masks, ref.alive), t.tolist())
-        move, expect = s.end_step(step), ref.end_step()
-        assert (move is None) == (expect is None)
+        move = _step_both(s, ref, masks, weights, noise, step)
         if move is not None:
             decided.append(move.action)
-            assert move.action == expect[0] and move.parts == parts
+            assert move.parts == parts
             if move.action == "prune":
-                assert set(move.pruned) == expect[1]
                 assert len(set(counts_per_part(~s.alive, parts))) == 1
-        assert set(s.alive.nonzero().flatten().tolist()) == ref.alive
-        assert set(s.space.nonzero().flatten().tolist()) == ref.space
         assert len(set(counts_per_part(s.alive, parts))) == 1    # equal counts kept per part
         assert len(set(counts_per_part(s.space, parts))) == 1
     assert "prune" in decided
