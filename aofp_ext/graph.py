@@ -555,8 +555,11 @@ class _Analysis:
                 self.poison(self.layout[arg], reason)
         self.free[node] = reason
 
-    def unfollow(self, node: fx.Node, arg: fx.Node) -> None:
-        """``node`` is made from the tensor ``arg`` that is not followed: not followed either."""
+    def unfollow(self, node: fx.Node, arg: Any) -> None:
+        """``node`` is made from the tensor ``arg`` that is not followed: not followed either
+        (an op on no tensor at all is an op we cannot follow)."""
+        if not isinstance(arg, fx.Node):
+            return self.unknown(node)
         self.free[node] = self.free.get(arg) or (
             f"{self.describe(arg)} makes channels that are not followed")
 
@@ -597,7 +600,7 @@ class _Analysis:
         after dim 1 -- pools, resampling, padding -- which needs the channel dim at dim 1)."""
         x = node.args[0] if node.args else None
         if not self.follows(x):
-            return self.unfollow(node, x) if isinstance(x, fx.Node) else self.unknown(node)
+            return self.unfollow(node, x)
         if spatial and self.dim(x) != 1:
             return self.unknown(node, f"works over dims after dim 1, but the channels are in dim "
                                       f"{self.dim(x)}")
@@ -834,7 +837,7 @@ class _Analysis:
         if len(dims) > 1:
             return self.unknown(node, "meets channels in different dims")
         if not dims:
-            return self.unfollow(node, args[0]) if args else self.unknown(node)
+            return self.unfollow(node, args[0] if args else None)
         cd = dims.pop()
         full: list[Layout] = []
         for arg in args:
@@ -860,7 +863,7 @@ class _Analysis:
         if len(dims) > 1:
             return self.unknown(node, "meets channels in different dims")
         if not dims:
-            return self.unfollow(node, tensors[0]) if tensors else self.unknown(node)
+            return self.unfollow(node, tensors[0] if tensors else None)
         cd = dims.pop()
         layouts = [self.of(t, cd) for t in tensors]
         if any(lay is None for lay in layouts):
@@ -880,7 +883,7 @@ class _Analysis:
         x = node.args[0]
         src, out = _shape(x), _shape(node)
         if not self.follows(x):
-            return self.unfollow(node, x) if isinstance(x, fx.Node) else self.unknown(node)
+            return self.unfollow(node, x)
         lay, cd = self.layout[x], self.dim(x)
         if src is None or out is None or len(out) < 2:
             return self.unknown(node)
@@ -900,7 +903,7 @@ class _Analysis:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = [dims] if isinstance(dims, int) else dims
         if not self.follows(x):
-            return self.unfollow(node, x) if isinstance(x, fx.Node) else self.unknown(node)
+            return self.unfollow(node, x)
         cd = self.dim(x)
         if (src is None or out is None or len(out) < 2 or not isinstance(dims, (list, tuple))
                 or {d % len(src) for d in dims} & {0, cd}):
@@ -913,7 +916,8 @@ class _Analysis:
         src = _shape(x)
         if x in self.pieces and isinstance(idx, int):
             if isinstance(self.pieces[x], str):
-                return self.free.__setitem__(node, self.pieces[x])
+                self.free[node] = self.pieces[x]
+                return
             return self.set(node, self.pieces[x][idx], self.cdim[x], zero=True)
         if src is None:  # indexing a tuple (or a shape): tensors from an op we did not follow
             if isinstance(x, fx.Node):

@@ -445,15 +445,13 @@ def select_targets(groups: Sequence[ChannelGroup], targets: Any, model: nn.Modul
         return any(s.role == "out" and isinstance(model.get_submodule(s.module),
                                                   nn.modules.conv._ConvNd) for s in g.producers)
 
-    def searchable(g: ChannelGroup) -> bool:  # filters: of a conv, or of a Linear over positions
-        return g.spatial
-
     if isinstance(targets, str):
         if targets not in ("auto", "all"):
             raise ValueError(f"targets must be 'auto', 'all' or a list of group names, got "
                              f"{targets!r}")
         chosen = [g for g in groups if g.prunable and g.consumers and g.size >= 2
-                  and searchable(g) and (search_parts or g.granularity == 1)
+                  and g.spatial  # filters: of a conv, or of a Linear over positions
+                  and (search_parts or g.granularity == 1)
                   and (targets == "all" or g.mask_point is not None)]
         if not chosen:
             why = "; ".join(f"'{g.name}': {_why_not(g, search_parts)}"
