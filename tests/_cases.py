@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from hypothesis import strategies as st
 
 #: Where the `cuda`-marked tests run: "cuda", or "cpu" to dry-run their logic on the CPU ops
 #: (``AOFP_CUDA_TEST_DEVICE=cpu``, as bench/gpu_check.sh --dry-run does).
@@ -66,3 +67,20 @@ def assert_damage_close(got, ref, rtol=1e-4, atol_frac=1e-5):
         f"{float((err / ref.abs().clamp_min(1e-30)).max()):.3e} at masks "
         f"{bad.nonzero().flatten().tolist()[:8]}; got {got[bad][:4].tolist()} "
         f"want {ref[bad][:4].tolist()}")
+
+
+def conv_sweep(C: int = 13, HW: int = 10, K: int = 20) -> dict:
+    """Hypothesis strategies of a random conv follower case for the op sweeps: up to ``C`` input
+    channels, maps of 5 .. ``HW``, 1 .. ``K`` masks; pass them as ``@given(**conv_sweep(), ...)``
+    and drop the draws that :func:`conv_fits` rejects."""
+    return dict(
+        N=st.integers(1, 3), C=st.integers(1, C), O=st.integers(1, 11), H=st.integers(5, HW),
+        W=st.integers(5, HW), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
+        padding=st.integers(0, 2), dilation=st.integers(1, 2), K=st.integers(1, K),
+        bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+
+
+def conv_fits(H: int, W: int, k: int, padding: int, dilation: int) -> bool:
+    """The conv has an output at all (else it is undefined; its error path is tested apart)."""
+    reach = dilation * (k - 1) + 1
+    return H + 2 * padding >= reach and W + 2 * padding >= reach

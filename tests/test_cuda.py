@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from aofp_ext import ops
 
-from _cases import CUDA_TEST_DEVICE, assert_damage_close, cuda_skip_reason, rand_case
+from _cases import (CUDA_TEST_DEVICE, assert_damage_close, conv_fits, conv_sweep, cuda_skip_reason,
+                    rand_case)
 
 DEVICE = CUDA_TEST_DEVICE
 ON_GPU = DEVICE == "cuda"
@@ -125,16 +126,11 @@ def test_masked_damage_shapes(shape, norm, post):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    N=st.integers(1, 3), C=st.integers(1, 40), O=st.integers(1, 11), H=st.integers(5, 12),
-    W=st.integers(5, 12), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
-    padding=st.integers(0, 2), dilation=st.integers(1, 2), K=st.integers(1, 200),
-    mode=st.sampled_from(NORM_POST), bias=st.booleans(), seed=st.integers(0, 2**31 - 1),
-)
+@given(**conv_sweep(C=40, HW=12, K=200), mode=st.sampled_from(NORM_POST))
 def test_masked_damage_random_sweep(N, C, O, H, W, k, stride, padding, dilation, K, mode, bias,
                                     seed):
     norm, post = mode
-    if (H + 2 * padding - dilation * (k - 1) - 1) < 0 or (W + 2 * padding - dilation * (k - 1) - 1) < 0:
+    if not conv_fits(H, W, k, padding, dilation):
         return
     if norm == "batch" and N == 1 and min(H, W) <= dilation * (k - 1) - 2 * padding + 1:
         return  # a single output position: BN variance 0

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from aofp_ext import _moments, ops
 
-from _cases import assert_damage_close, rand_case
+from _cases import assert_damage_close, conv_fits, conv_sweep, rand_case
 
 NORM_POST = list(itertools.product(["none", "affine", "batch"], ["none", "relu"]))
 
@@ -22,16 +22,11 @@ NORM_POST = list(itertools.product(["none", "affine", "batch"], ["none", "relu"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    N=st.integers(1, 3), C=st.integers(1, 13), O=st.integers(1, 11), H=st.integers(5, 10),
-    W=st.integers(5, 10), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
-    padding=st.integers(0, 2), dilation=st.integers(1, 2), K=st.integers(1, 20),
-    mode=st.sampled_from(NORM_POST), bias=st.booleans(), seed=st.integers(0, 2**31 - 1),
-)
+@given(**conv_sweep(), mode=st.sampled_from(NORM_POST))
 def test_masked_damage_sweep(N, C, O, H, W, k, stride, padding, dilation, K, mode, bias, seed):
     norm, post = mode
     gen = torch.Generator().manual_seed(seed)
-    if (H + 2 * padding - dilation * (k - 1) - 1) < 0 or (W + 2 * padding - dilation * (k - 1) - 1) < 0:
+    if not conv_fits(H, W, k, padding, dilation):
         return  # the conv itself is undefined here; the error path is tested separately
     x, w, masks, kw = rand_case(gen, N=N, C=C, O=O, H=H, W=W, k=k, K=K, bias=bias, norm=norm)
     args = dict(stride=stride, padding=padding, dilation=dilation, norm=norm, post=post, **kw)
@@ -178,15 +173,10 @@ LINEAR_MODES = ["none", "affine", "batch"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    N=st.integers(1, 3), C=st.integers(1, 13), O=st.integers(1, 11), H=st.integers(5, 10),
-    W=st.integers(5, 10), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
-    padding=st.integers(0, 2), dilation=st.integers(1, 2), K=st.integers(1, 20),
-    norm=st.sampled_from(LINEAR_MODES), bias=st.booleans(), seed=st.integers(0, 2**31 - 1),
-)
+@given(**conv_sweep(), norm=st.sampled_from(LINEAR_MODES))
 def test_moments_sweep(N, C, O, H, W, k, stride, padding, dilation, K, norm, bias, seed):
     gen = torch.Generator().manual_seed(seed)
-    if (H + 2 * padding - dilation * (k - 1) - 1) < 0 or (W + 2 * padding - dilation * (k - 1) - 1) < 0:
+    if not conv_fits(H, W, k, padding, dilation):
         return
     x, w, masks, kw = rand_case(gen, N=N, C=C, O=O, H=H, W=W, k=k, K=K, bias=bias, norm=norm)
     args = dict(stride=stride, padding=padding, dilation=dilation, norm=norm, **kw)
