@@ -21,8 +21,10 @@ formed (no cancellation for inputs with a large common offset).
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Iterator
+import threading
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -216,7 +218,98 @@ def _im2col(x, ks, stride, padding, dilation, shift=None, tap_major=False) -> to
     return v.reshape(C * kh * kw, n * ho * wo)
 
 
-def _lag_gram(x, weight, padding, dilation, centre: bool) -> torch.Tensor:
+class _LagPlan(NamedTuple):
+    """The geometry of :func:`_lag_gram` for one input size and conv (pure Python, cached)."""
+    mh: int
+    mw: int
+    wq: int            # row length of the flat layout (the image row, then mw zeros)
+    S: int             # one sample in the flat layout: H + mh rows
+    G: int             # zero guard before and after the samples
+    lags: tuple        # (dr, ds) of the lagged products, in the half-plane of u >= t
+    tt: torch.Tensor   # (pairs,) tap t of each block (t, u >= t)
+    uu: torch.Tensor   # (pairs,) tap u
+    lag_index: torch.Tensor   # (pairs,) which lag each block reads
+    dead: torch.Tensor        # (pairs,) bool: t reads no input position
+    strips: tuple      # (r0, r1, c0, c1, dr, ds): a rectangle of the image that some t does not
+                       # read, clipped to where x(q + D) is in the image (elsewhere it is 0)
+    strip_pair: torch.Tensor  # (uses,) the block each use of a strip is subtracted from
+    strip_of: torch.Tensor    # (uses,) which strip
+    reads: torch.Tensor       # (T, 4) R_t as (r0, r1, c0, c1)
+    both_t: torch.Tensor      # (pairs, 4) R_t and the positions D away in the image
+    both_u: torch.Tensor      # (pairs, 4) R_u and the positions -D away in the image
+
+
+@functools.lru_cache(maxsize=256)
+def _lag_plan(H: int, W: int, kh: int, kw: int, ph: int, pw: int, dh: int, dw: int) -> _LagPlan:
+    ho, wo = H + 2 * ph - dh * (kh - 1), W + 2 * pw - dw * (kw - 1)
+    T = kh * kw
+    mh, mw = dh * (kh - 1), dw * (kw - 1)           # zero margins: every lag stays in them
+    wq = W + mw
+    taps = [(i * dh - ph, j * dw - pw) for i in range(kh) for j in range(kw)]
+    reads = [(max(0, r), min(H, r + ho), max(0, s), min(W, s + wo)) for r, s in taps]  # R_t
+    pairs = [(t, u) for t in range(T) for u in range(t, T)]      # u >= t: D in a half-plane
+    lag_of = [(taps[u][0] - taps[t][0], taps[u][1] - taps[t][1]) for t, u in pairs]
+    lags = tuple(sorted(set(lag_of)))
+
+    def clip(rect, dr, ds):    # the part of rect whose D-neighbour is in the image
+        r0, r1, c0, c1 = rect
+        r0, r1, c0, c1 = max(r0, -dr), min(r1, H - dr), max(c0, -ds), min(c1, W - ds)
+        return (r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None
+
+    strips: dict[tuple, int] = {}
+    uses: list[tuple[int, int]] = []
+    for k, ((t, _), (dr, ds)) in enumerate(zip(pairs, lag_of)):
+        r0, r1, c0, c1 = reads[t]
+        if r0 >= r1 or c0 >= c1:
+            continue                                  # a dead tap: its blocks are set to 0
+        for rect in ((0, r0, 0, W), (r1, H, 0, W), (r0, r1, 0, c0), (r0, r1, c1, W)):
+            rect = clip(rect, dr, ds)
+            if rect is not None:
+                uses.append((k, strips.setdefault((*rect, dr, ds), len(strips))))
+
+    def both(t, dr, ds):      # R_t and the positions D away that are in the image
+        r0, r1, c0, c1 = reads[t]
+        return max(r0, -dr), min(r1, H - dr), max(c0, -ds), min(c1, W - ds)
+
+    def rects(rs):            # clipped to the image, empty ones as (a, a, c, c)
+        def cl(a, b, hi):
+            a = min(max(a, 0), hi)
+            return a, min(max(a, b), hi)
+        return torch.tensor([(*cl(a, b, H), *cl(c, d, W)) for a, b, c, d in rs],
+                            dtype=torch.long).reshape(-1, 4)
+
+    long = dict(dtype=torch.long)
+    return _LagPlan(
+        mh, mw, wq, (H + mh) * wq, mh * wq + mw, lags,
+        torch.tensor([t for t, _ in pairs], **long), torch.tensor([u for _, u in pairs], **long),
+        torch.tensor([lags.index(d) for d in lag_of], **long),
+        torch.tensor([reads[t][0] >= reads[t][1] or reads[t][2] >= reads[t][3]
+                      for t, _ in pairs], dtype=torch.bool),
+        tuple(strips), torch.tensor([k for k, _ in uses], **long),
+        torch.tensor([s for _, s in uses], **long), rects(reads),
+        rects([both(t, dr, ds) for (t, _), (dr, ds) in zip(pairs, lag_of)]),
+        rects([both(u, -dr, -ds) for (_, u), (dr, ds) in zip(pairs, lag_of)]))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """``numel`` uninitialised elements of ``like``'s dtype, reused between calls on the CPU
+    (per thread): fresh pages cost a page fault each (about 2 ms per 5 MB on the 2-core CPU, as
+    much as a copy of the data), so :func:`_lag_gram`'s flat copy of the input keeps its buffer.
+    It holds the largest block seen (at most ``_BLOCK`` floats plus the guards). Other devices
+    allocate (their caching allocators reuse memory already)."""
+    if like.device.type != "cpu":
+        return like.new_empty(numel)
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(like.dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[like.dtype] = like.new_empty(numel)
+    return buf[:numel]
+
+
+def _lag_gram(x, weight, padding, dilation, centre: bool, dtype=torch.float64) -> torch.Tensor:
     """``_im2col_gram`` of a stride-1 conv without the im2col matrix, from lagged products.
 
     Tap ``t`` reads the input at ``q = p + o_t`` (``o_t = (i dh - ph, j dw - pw)``), so the Gram
@@ -226,98 +319,92 @@ def _lag_gram(x, weight, padding, dilation, centre: bool) -> torch.Tensor:
     ``Lam_D = sum_q x_c(q) x_e(q + D)`` (one GEMM per lag on two views of one zero-padded flat
     copy of the input: ``(2kh - 1)(2kw - 1) / 2`` GEMMs; 13 for 3x3 against the 45 blocks of
     the im2col Gram), minus the same sum over the image border strips that ``t`` does not read
-    (small rectangles, each computed once). Data are shifted by a per-channel mean first
-    (``centre``); the shift's exact contribution is added back from rectangle sums, so the
-    result is the Gram of the unshifted rows, centred or not."""
+    (small rectangles, clipped to where ``q + D`` is in the image, each computed once: 16 for a
+    3x3 "same" conv). Data are shifted by a per-channel mean first (``centre``); the shift's
+    exact contribution is added back from rectangle sums, so the result is the Gram of the
+    unshifted rows, centred or not. The geometry (lags, strips, index tensors) is cached per
+    input size and conv (:func:`_lag_plan`)."""
     N, C, H, W = x.shape
     kh, kw = weight.shape[2:]
-    (ph, pw), (dh, dw) = padding, dilation
-    ho, wo = H + 2 * ph - dh * (kh - 1), W + 2 * pw - dw * (kw - 1)
-    T, P = kh * kw, N * ho * wo
-    mh, mw = dh * (kh - 1), dw * (kw - 1)           # zero margins: every lag stays in them
-    wq = W + mw
-    S = (H + mh) * wq                               # one sample in the flat layout
-    G = mh * wq + mw                                # guard before and after the samples
-    taps = [(i * dh - ph, j * dw - pw) for i in range(kh) for j in range(kw)]
-    reads = [(max(0, r), min(H, r + ho), max(0, s), min(W, s + wo)) for r, s in taps]  # R_t
-    pairs = [(t, u) for t in range(T) for u in range(t, T)]      # u >= t: D in a half-plane
-    lag_of = [(taps[u][0] - taps[t][0], taps[u][1] - taps[t][1]) for t, u in pairs]
-    lags = sorted(set(lag_of))
-    lag_index = torch.tensor([lags.index(d) for d in lag_of], device=x.device)
-    dead = torch.tensor([reads[t][0] >= reads[t][1] or reads[t][2] >= reads[t][3]
-                         for t, _ in pairs], device=x.device)   # t reads no input position
-    strips: dict[tuple, list[int]] = {}   # (rows, cols, D) of the image minus R_t -> pairs
-    for k, ((t, _), (dr, ds)) in enumerate(zip(pairs, lag_of)):
-        r0, r1, c0, c1 = reads[t]
-        for rect in ((0, r0, 0, W), (r1, H, 0, W), (r0, r1, 0, c0), (r0, r1, c1, W)):
-            if rect[0] < rect[1] and rect[2] < rect[3] and r0 < r1 and c0 < c1:
-                strips.setdefault((*rect, dr, ds), []).append(k)
+    pl = _lag_plan(H, W, kh, kw, *padding, *dilation)
+    dev = x.device
+    T, P = kh * kw, N * (H + 2 * padding[0] - pl.mh) * (W + 2 * padding[1] - pl.mw)
+    mh, wq, S, G = pl.mh, pl.wq, pl.S, pl.G
+    npairs = len(pl.tt)
     step = _samples_per_block(N, C * S)
     mu = x[:step].mean(dim=(0, 2, 3)) if centre else x.new_zeros(C)
-    V = torch.zeros(len(pairs), C, C, dtype=torch.float64, device=x.device)  # shifted data
-    X1 = torch.zeros(C, H, W, dtype=torch.float64, device=x.device)   # shifted, summed over n
+    V = None                          # (pairs, C, C) float64 blocks of the shifted data
+    X1 = torch.zeros(C, H, W, dtype=torch.float64, device=dev)       # shifted, summed over n
+    lam = x.new_empty(len(pl.lags), C, C)
+    strip_prods = x.new_empty(len(pl.strips), C, C)
+    strip_pair, strip_of = pl.strip_pair.to(dev), pl.strip_of.to(dev)
     for n0 in range(0, N, step):
-        xb = x[n0:n0 + step] - mu.view(1, C, 1, 1)
-        n = xb.shape[0]
-        F_ = x.new_empty(C, G + n * S + G)      # guards and margins zero, the image inside
+        n = min(step, N - n0)
+        F_ = _scratch(C * (G + n * S + G), x).view(C, G + n * S + G)   # margins zeroed below
         F_[:, :G] = 0
         F_[:, G + n * S:] = 0
         body = F_[:, G:G + n * S].view(C, n, H + mh, wq)
-        body[:, :, :H, :W] = xb.transpose(0, 1)
+        img = body[:, :, :H, :W]
+        img.copy_(x[n0:n0 + n].transpose(0, 1))     # two passes: faster than one strided sub
+        img.sub_(mu.view(C, 1, 1, 1))
         body[:, :, H:] = 0
         body[:, :, :H, W:] = 0
-        X1 += xb.sum(dim=0).double()     # of shifted data: float32 partial sums suffice
+        X1 += img.sum(dim=1).double()     # of shifted data: float32 partial sums suffice
 
         def shifted(dr: int, ds: int) -> torch.Tensor:
             d = dr * wq + ds
             return F_[:, G + d:G + d + n * S]
 
-        lam = torch.stack([torch.matmul(shifted(0, 0), shifted(*d).t()) for d in lags])
-        vb = lam.double()[lag_index]                                   # (pairs, C, C)
-        for (r0, r1, c0, c1, dr, ds), ks in strips.items():
-            a = shifted(0, 0).view(C, n, H + mh, wq)[:, :, r0:r1, c0:c1].reshape(C, -1)
+        a0 = shifted(0, 0)
+        for i, d in enumerate(pl.lags):
+            torch.mm(a0, shifted(*d).t(), out=lam[i])
+        for i, (r0, r1, c0, c1, dr, ds) in enumerate(pl.strips):
+            a = body[:, :, r0:r1, c0:c1].reshape(C, -1)
             b = shifted(dr, ds).view(C, n, H + mh, wq)[:, :, r0:r1, c0:c1].reshape(C, -1)
-            vb[ks] -= torch.matmul(a, b.t()).double()
-        vb[dead] = 0
-        V += vb
+            torch.mm(a, b.t(), out=strip_prods[i])
+        vb = lam[pl.lag_index.to(dev)]                                 # (pairs, C, C)
+        vb.index_add_(0, strip_pair, strip_prods[strip_of], alpha=-1)
+        V = vb.double() if V is None else V.add_(vb)
+    V[pl.dead.to(dev)] = 0
     # the shift's contribution: row (c, t) = shifted row + mu_c m_t (m_t: t reads the image)
     pre = F.pad(X1.cumsum(1).cumsum(2), (1, 0, 1, 0))          # 2-D prefix sums
 
-    def totals(rects: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def totals(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(len, C) sums over the rectangles and their areas (empty ones: 0)."""
-        def clip(a, b, hi):
-            a = min(max(a, 0), hi)
-            return a, min(max(a, b), hi)
-
-        r = torch.tensor([(*clip(a, b, H), *clip(c, d, W)) for a, b, c, d in rects],
-                         device=x.device).reshape(-1, 4)
-        r0, r1, c0, c1 = r.unbind(1)
+        r0, r1, c0, c1 = r.to(dev).unbind(1)
         s = pre[:, r1, c1] - pre[:, r0, c1] - pre[:, r1, c0] + pre[:, r0, c0]
         return s.t(), ((r1 - r0) * (c1 - c0)).double()
 
-    def both(t, dr, ds):      # R_t and the positions D away that are in the image
-        r0, r1, c0, c1 = reads[t]
-        return max(r0, -dr), min(r1, H - dr), max(c0, -ds), min(c1, W - ds)
-
     m = mu.double()
-    tt = torch.tensor([t for t, _ in pairs], device=x.device)
-    uu = torch.tensor([u for _, u in pairs], device=x.device)
-    s1, area = totals([both(t, dr, ds) for (t, _), (dr, ds) in zip(pairs, lag_of)])
-    s2, _ = totals([both(u, -dr, -ds) for (_, u), (dr, ds) in zip(pairs, lag_of)])
-    blk = (V + s1[:, :, None] * m[None, None, :] + m[None, :, None] * s2[:, None, :]
-           + (N * area)[:, None, None] * torch.outer(m, m))
+    tt, uu = pl.tt.to(dev), pl.uu.to(dev)
+    s1, area = totals(pl.both_t)
+    s2, _ = totals(pl.both_u)
+    # blk_k = V_k + s1_k m^T + m s2_k^T + N area_k m m^T (- sums_t sums_u^T / P): one batched
+    # product of (C, 4) factors
+    mm_ = m.expand(npairs, C)
+    left = [s1, mm_, (N * area)[:, None] * m]
+    right = [mm_, s2, mm_]
     if centre:
-        row, n_read = totals(reads)
+        row, n_read = totals(pl.reads)
         sums = row + N * n_read[:, None] * m                   # (T, C): the rows' sums
-        blk = blk - sums[tt][:, :, None] * sums[uu][:, None, :] / P
-    g = torch.zeros(T, C, T, C, dtype=torch.float64, device=x.device)
-    g[uu, :, tt] = blk.transpose(1, 2)
-    g[tt, :, uu] = blk
-    return _sym(g.permute(1, 0, 3, 2).reshape(C * T, C * T))
+        left.append(sums[tt] / -P)
+        right.append(sums[uu])
+    blk = torch.baddbmm(V, torch.stack(left, 2), torch.stack(right, 1))
+    blk = blk.to(dtype)
+    g = torch.empty(T, T, C, C, dtype=dtype, device=dev)           # g[t, u] = block (t, u)
+    g[tt, uu] = blk
+    g[uu, tt] = blk.transpose(1, 2)           # the lower blocks: the transposes
+    diag = tt == uu                           # blocks (t, t): symmetric up to rounding
+    g[tt[diag], tt[diag]] = _sym(blk[diag])
+    return g
 
 
-def _im2col_gram(x, weight, stride, padding, dilation, centre: bool) -> torch.Tensor:
-    """``(C*T, C*T)`` float64 Gram of the im2col rows (channel-major), centred or not.
+def _im2col_gram(x, weight, stride, padding, dilation, centre: bool, dtype=torch.float64
+                 ) -> torch.Tensor:
+    """The Gram of the im2col rows, centred or not, as ``(T, T, C, C)`` tap blocks (formed in
+    float64, returned in ``dtype``):
+    ``g[t, u, c, e] = sum_p x_c(p + o_t) x_e(p + o_u)`` (:func:`channel_major` gives the
+    ``(C*T, C*T)`` matrix with rows ``c*T + t``).
 
     The rows are built tap-major and only the blocks ``(t, u >= t)`` are multiplied (one GEMM
     per tap ``t``: ``X_t [X_t; ...; X_{T-1}]^T``), about ``(T + 1) / 2T`` of the full product;
@@ -325,7 +412,7 @@ def _im2col_gram(x, weight, stride, padding, dilation, centre: bool) -> torch.Te
     C, _, T, P = _geometry(x, weight, stride, padding, dilation)
     lag = lag_shape(x, weight, stride, padding, dilation)
     if lag is not None and _gram_route(C, T, P, lag)[3]:
-        return _lag_gram(x, weight, padding, dilation, centre)
+        return _lag_gram(x, weight, padding, dilation, centre, dtype)
     g = torch.zeros(T, C, T, C, dtype=torch.float64, device=x.device)
     sums = torch.zeros(T * C, dtype=torch.float64, device=x.device)
     for cols in _cols(x, weight, stride, padding, dilation, centre=centre, tap_major=True):
@@ -339,7 +426,14 @@ def _im2col_gram(x, weight, stride, padding, dilation, centre: bool) -> torch.Te
     if centre:
         mean = sums / P
         g -= P * (mean[:, None] * mean[None, :]).view(T, C, T, C)
-    return _sym(g.permute(1, 0, 3, 2).reshape(C * T, C * T))
+    g = g.permute(0, 2, 1, 3)                # (t, u, c, e)
+    return ((g + g.permute(1, 0, 3, 2)) / 2).to(dtype)
+
+
+def channel_major(blocks: torch.Tensor) -> torch.Tensor:
+    """``(C*T, C*T)`` (rows ``c*T + t``) from ``(T, T, C, C)`` tap blocks."""
+    T, _, C, _ = blocks.shape
+    return blocks.permute(2, 0, 3, 1).reshape(C * T, C * T)
 
 
 def _contributions(x, weight, stride, padding, dilation, o0, o1) -> Iterator[torch.Tensor]:
@@ -387,24 +481,21 @@ def _sym(g: torch.Tensor) -> torch.Tensor:
 
 
 def per_output_grams(x, weight, stride, padding, dilation) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(o0, o1, Gc)`` per block of output channels: ``Gc`` ``(o1 - o0, C, C)`` float64, the
-    centred Gram of the contributions for each output channel."""
+    """``(o0, o1, Gc)`` per block of output channels: ``Gc`` ``(o1 - o0, C, C)`` (float32 from
+    the im2col Gram, float64 from the contributions), the centred Gram of the contributions
+    for each output channel."""
     C, O, T, P = _geometry(x, weight, stride, padding, dilation)
     _, route, _, _ = _build_cost(C, O, T, P, per_output=True,
                                  lag=lag_shape(x, weight, stride, padding, dilation))
     ob = max(1, min(O, _BLOCK // max(1, C * C * T)))
     if route == "sigma":
         # float32 from here: the centred Gram has no large common part left to cancel
-        sig = _im2col_gram(x, weight, stride, padding, dilation, centre=True).float()
-        sig = sig.view(C, T, C, T)
+        blocks = _im2col_gram(x, weight, stride, padding, dilation, centre=True,
+                              dtype=torch.float32)
+        rhs = blocks.permute(3, 1, 0, 2).reshape(C, T, T * C)          # (d, u, (t, c))
         for o0 in range(0, O, ob):
             o1 = min(O, o0 + ob)
-            w = weight[o0:o1].reshape(o1 - o0, C, T).float()
-            # Gc_o[c, d] = sum_{t, u} W[o, c, t] Sigma[(c, t), (d, u)] W[o, d, u]: a batched
-            # matmul over d (contracting u), then a weighted sum over t
-            h = torch.bmm(sig.permute(2, 0, 1, 3).reshape(C, C * T, T), w.permute(1, 2, 0))
-            h = h.view(C, C, T, o1 - o0).permute(3, 1, 2, 0)           # (Oc, C, T, C_d)
-            yield o0, o1, (w[..., None] * h).sum(dim=2).double()
+            yield o0, o1, _contract(rhs, weight[o0:o1].reshape(o1 - o0, C, T).float())
         return
     for o0 in range(0, O, ob):
         o1 = min(O, o0 + ob)
@@ -412,6 +503,26 @@ def per_output_grams(x, weight, stride, padding, dilation) -> Iterator[tuple[int
         for z in _contributions(x, weight, stride, padding, dilation, o0, o1):
             m.add(z, centred=True)                                  # (Oc, C, n)
         yield o0, o1, _sym(m.centred_gram())
+
+
+def _contract(rhs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``Gc[o, c, d] = sum_{t, u} W[o, c, t] Sigma[(c, t), (d, u)] W[o, d, u]`` (``(Oc, C, C)``
+    float32, contiguous; ``Gc_o`` is symmetric, so it is written as ``Gc[o, d, c]``) from
+    ``rhs[d, u, (t, c)]``: per input channel ``d`` one matmul contracting ``u``
+    (``(Oc, T) @ (T, T C)``), then the sum over ``t`` weighted by ``W[o, c, t]`` (``t`` an outer
+    dim: the sum runs over contiguous rows). A few ``d`` at a time, in one reused buffer of at
+    most ``2^17`` floats: larger fresh temporaries cost more in page faults than in arithmetic."""
+    C, T, _ = rhs.shape
+    oc = w.shape[0]
+    wd, wt = w.permute(1, 0, 2), w.transpose(1, 2)         # (d, o, u), (o, t, c)
+    dc = max(1, min(C, (1 << 17) // max(1, oc * C * T)))
+    out = w.new_empty(oc, C, C)                             # (o, d, c)
+    h = w.new_empty(dc, oc, T * C)
+    for d0 in range(0, C, dc):
+        d1 = min(C, d0 + dc)
+        hh = torch.bmm(wd[d0:d1], rhs[d0:d1], out=h[:d1 - d0]).view(d1 - d0, oc, T, C)
+        torch.sum(hh.mul_(wt), 2, out=out.transpose(0, 1)[d0:d1])
+    return out
 
 
 def output_summed_gram(x, weight, stride, padding, dilation, scale=None) -> torch.Tensor:
@@ -424,8 +535,9 @@ def output_summed_gram(x, weight, stride, padding, dilation, scale=None) -> torc
     if scale is not None:
         w = w * scale.float()[:, None]
     if route == "sigma":
-        g = _im2col_gram(x, weight, stride, padding, dilation, centre=False) * (w.t() @ w).double()
-        return _sym(g.view(C, T, C, T).sum(dim=(1, 3)))
+        wtw = (w.t() @ w).double().view(C, T, C, T).permute(1, 3, 0, 2)   # (t, u, c, e)
+        g = _im2col_gram(x, weight, stride, padding, dilation, centre=False) * wtw
+        return _sym(g.sum(dim=(0, 1)))
     g = torch.zeros(C, C, dtype=torch.float64, device=x.device)
     ob = max(1, min(O, _BLOCK // max(1, C * P)))
     sc = None if scale is None else scale.float()
@@ -469,7 +581,7 @@ def batch_damage(x, weight, masks, stride, padding, dilation, scale, eps) -> tor
     gamma = scale.double().to(x.device)
     out = torch.zeros(K, dtype=torch.float64, device=x.device)
     for o0, o1, g in per_output_grams(x, weight, stride, padding, dilation):  # (Oc, C, C)
-        g1 = g.sum(dim=2)                                    # (Oc, C) = Gc 1
+        g1 = g.sum(dim=2).double()                           # (Oc, C) = Gc 1
         g32 = g.reshape(o1 - o0, C * C).float()              # (Oc, C^2)
         S = g1.sum(dim=1)                                    # (Oc,)   = P var_y
         var_y = S / P

@@ -232,6 +232,14 @@ def search_steps(model: nn.Module, data, device: str, steps: int, K: int
 # --------------------------------------------------------------------------------------------
 
 
+def one_round(base: nn.Module, data, device: str, steps: int, K: int):
+    """(plain step, search step, the search step's parts, targets): medians of one plain run
+    and the search run right after it."""
+    plain = statistics.median(plain_steps(copy.deepcopy(base), data, device, steps))
+    times, parts, n_t = search_steps(copy.deepcopy(base), data, device, steps, K)
+    return plain, statistics.median(times), parts, n_t
+
+
 def machine(device: str) -> str:
     cpu = cpu_name()
     s = (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
@@ -263,7 +271,9 @@ def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wa
         "warmup_iters=0); medians of the timed steps, side by side in one process, same "
         "model, batch, threads. Parts of the search step (medians): capture = the consumers' "
         "forward hooks, pricing = `pricing.price` for every target, decision = "
-        "`LayerSearch.draw/record/end_step`; fwd+bwd = the rest.",
+        "`LayerSearch.draw/record/end_step`; fwd+bwd = the rest. With `--rounds R` the plain "
+        "and the search run alternate R times: the times and parts are medians over the "
+        "rounds, the ratio is the median of the rounds' ratios (their range in brackets).",
         "",
         "| model | targets | batch, input | K | plain step | search step | ratio | fwd+bwd | "
         "capture | pricing | decision |",
@@ -274,9 +284,11 @@ def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wa
         s = r["search_s"]
         pct = {k: 100 * r["parts"][k] / s for k in r["parts"]}
         rest = 100 - sum(pct.values())
+        spread = (f" ({min(r['ratios']):.2f}-{max(r['ratios']):.2f})"
+                  if len(r.get("ratios", ())) > 1 else "")
         lines.append(
             f"| {r['model']} | {r['targets']} | {r['batch']}, {r['input']} | {r['K']} | "
-            f"{r['plain_s']:.3f} s | {s:.3f} s | **{r['ratio']:.2f}x** | {rest:.0f} % | "
+            f"{r['plain_s']:.3f} s | {s:.3f} s | **{r['ratio']:.2f}x**{spread} | {rest:.0f} % | "
             f"{pct['capture']:.0f} % | {pct['pricing']:.0f} % | {pct['decision']:.0f} % |")
     if fused:
         lines += ["", "The same search step with every attempt priced by the fused tile pass "
@@ -304,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the markdown table here")
     p.add_argument("--json", default=None, help="write the raw figures here")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: a dry run in seconds")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate the plain and the search run this many times and report "
+                        "the median ratio with its range (a shared machine's load drifts)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's setting); stated in the file")
     p.add_argument("--compare-fused", action="store_true",
@@ -332,13 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         base = spec.make().to(a.device)
         data = batches(spec, a.device, 4)
         for K in ks:    # the plain step right before each search run: both see the same load
-            plain = statistics.median(plain_steps(copy.deepcopy(base), data, a.device, steps))
-            times, parts, n_t = search_steps(copy.deepcopy(base), data, a.device, steps, K)
-            s = statistics.median(times)
-            row = dict(model=spec.name, key=name, targets=n_t, batch=spec.batch,
+            rounds = [one_round(base, data, a.device, steps, K) for _ in range(a.rounds)]
+            plain = statistics.median(r[0] for r in rounds)
+            s = statistics.median(r[1] for r in rounds)
+            ratios = [r[1] / r[0] for r in rounds]
+            parts = {k: statistics.median(r[2][k] for r in rounds) for k in rounds[0][2]}
+            row = dict(model=spec.name, key=name, targets=rounds[0][3], batch=spec.batch,
                        input="x".join(map(str, spec.shape[1:])), K=K, plain_s=plain,
-                       search_s=s, ratio=s / plain, parts=parts, steps=steps,
-                       load=loadavg())
+                       search_s=s, ratio=statistics.median(ratios), ratios=ratios,
+                       parts=parts, steps=steps, load=loadavg())
             if a.compare_fused:
                 with fused_only():
                     ft, fparts, _ = search_steps(copy.deepcopy(base), data, a.device, steps, K)

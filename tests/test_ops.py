@@ -214,7 +214,9 @@ def test_lag_gram_equals_the_im2col_gram(N, C, H, W, kh, kw, ph, pw, dh, dw, off
         mp.setattr(_moments, "_BLOCK", block)
         for centre in (False, True):
             ref = _im2col_gram_reference(x, kh, kw, (ph, pw), (dh, dw), centre)
-            got = _moments._lag_gram(x, w, (ph, pw), (dh, dw), centre)
+            blocks = _moments._lag_gram(x, w, (ph, pw), (dh, dw), centre)
+            assert torch.equal(blocks, blocks.permute(1, 0, 3, 2))
+            got = _moments.channel_major(blocks)
             assert got.dtype == torch.float64 and got.shape == ref.shape
             # float32 data: 1e-4 of the largest entry, plus the rounding of the shift by the
             # mean (about 1e-7 of |x|^2 per position; a centred Gram can be exactly 0)
