@@ -455,8 +455,11 @@ def run_moments(cfg: Config, quiet: bool = False) -> list[dict]:
                     mk = masks[:K]
                     row = {"shape": s.name, "mode": f"{norm}+{post}", "K": K,
                            "loop": len(sub) / best}
-                    use = _moments.moments_cost(s.C, s.C, s.k * s.k, P, K, norm == "batch") < \
-                        _moments.fused_cost(s.C, s.C, s.k * s.k, P, K)
+                    # the decision ops.masked_damage(method="auto") makes (the lag route of a
+                    # stride-1 follower included)
+                    lag = _moments.lag_shape(x, w, (1, 1), (pad, pad), (1, 1))
+                    use = _moments.choose(s.C, s.C, s.k * s.k, P, K, norm == "batch",
+                                          lag=lag) == "moments"
                     row["chosen"] = "moments" if use else "fused"
                     for method in ("auto", "fused"):
                         if method == "auto" and not use:
