@@ -97,12 +97,15 @@ def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
     ``lag``: :func:`lag_shape` of a stride-1 conv, whose im2col Gram may come from lagged
     products)."""
     c = _MOMENTS_S
-    build, _, copied, fixed = _build_cost(C, O, T, P, per_output=batch, lag=lag)
+    build, route, copied, fixed = _build_cost(C, O, T, P, per_output=batch, lag=lag)
+    # the forms cost K O C^2 (batch) or K C^2; a 1x1 follower's batch forms read Sigma itself,
+    # no per-output Grams are held (_per_output_forms)
     grams = O * C * C if batch else C * C
+    held = C * C if batch and T == 1 and route == "sigma" else grams
     # the BLAS products run on every thread; the copies of the input and the float64 passes
     # over the per-output Grams are memory-bound and taken as not speeding up with threads (at
     # 2 threads on the 2-core CPU they did not; more is not measured)
-    serial = c["cols"] * copied + c["grams"] * grams
+    serial = c["cols"] * copied + c["grams"] * held
     return (c["call"] + fixed + serial
             + (c["build"] * build + c["forms"] * K * grams) / _threads(threads))
 
@@ -155,7 +158,8 @@ def _build_cost(C: int, O: int, T: int, P: int, per_output: bool, lag=None
     or ``z`` (the contributions by a batched matmul, then their Grams). Returns (BLAS
     multiply-adds, route, floats copied, fixed seconds)."""
     gram, copied, fixed, _ = _gram_route(C, T, P, lag)
-    sigma = gram + (_F64 * O * C * C * T * T if per_output else C * T * C * T * O)
+    sigma = gram + ((_F64 if T > 1 else 1) * O * C * C * T * T if per_output
+                    else C * T * C * T * O)
     z = 4 * O * C * P * T + (O * C * C * P if per_output else C * C * O * P)
     zs, ss = _MOMENTS_S["build"] * z, _MOMENTS_S["build"] * sigma + fixed
     if ss <= zs + _MOMENTS_S["cols"] * (C * T * P - copied):
@@ -487,7 +491,9 @@ def per_output_grams(x, weight, stride, padding, dilation) -> Iterator[tuple[int
     C, O, T, P = _geometry(x, weight, stride, padding, dilation)
     _, route, _, _ = _build_cost(C, O, T, P, per_output=True,
                                  lag=lag_shape(x, weight, stride, padding, dilation))
-    ob = max(1, min(O, _BLOCK // max(1, C * C * T)))
+    # the sigma route holds (Oc, C, C) Grams (its contraction buffer is bounded on its own);
+    # the z route also (C, Oc, positions) contributions
+    ob = max(1, min(O, _BLOCK // max(1, C * C * (1 if route == "sigma" else T))))
     if route == "sigma":
         # float32 from here: the centred Gram has no large common part left to cancel
         blocks = _im2col_gram(x, weight, stride, padding, dilation, centre=True,
@@ -514,6 +520,9 @@ def _contract(rhs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     most ``2^17`` floats: larger fresh temporaries cost more in page faults than in arithmetic."""
     C, T, _ = rhs.shape
     oc = w.shape[0]
+    if T == 1:      # 1x1 and Linear followers: Gc_o = diag(W_o) Sigma diag(W_o), elementwise
+        v = w[:, :, 0]
+        return v[:, :, None] * rhs[:, 0][None] * v[:, None, :]
     wd, wt = w.permute(1, 0, 2), w.transpose(1, 2)         # (d, o, u), (o, t, c)
     dc = max(1, min(C, (1 << 17) // max(1, oc * C * T)))
     out = w.new_empty(oc, C, C)                             # (o, d, c)
@@ -556,19 +565,58 @@ def output_summed_gram(x, weight, stride, padding, dilation, scale=None) -> torc
 
 
 def _mask_block(K: int, O: int, C: int) -> int:
-    return max(1, min(K, _BLOCK // max(1, O + C * C)))
+    """Masks per block: the forms' ``(O, k, C)`` product stays within ``_BLOCK`` floats."""
+    return max(1, min(K, _BLOCK // max(1, O * C + O)))
+
+
+def _per_output_forms(x, weight, stride, padding, dilation):
+    """``(o0, o1, g1, form_of)`` per block of output channels: ``g1 = Gc_o 1`` ``(Oc, C)``
+    float64 and ``form_of(s)``, ``s^T Gc_o s`` for 0/1 rows ``s`` ``(k, C)`` float32, as a
+    ``(k, Oc)`` float64 (float32 BLAS sums of C, then C more terms: ~1e-6 relative).
+
+    A 1x1 (or Linear) follower on the im2col route never forms the per-output Grams:
+    ``Gc_o = diag(W_o) Sigma diag(W_o)``, so ``s^T Gc_o s = v^T Sigma v`` with ``v = s o W_o``,
+    one GEMM over every ``(k, o)`` (the same multiply-adds as the Grams' forms, without their
+    ``O C^2`` floats, whose fresh pages cost more than the arithmetic); otherwise from
+    :func:`per_output_grams`, ``(s Gc_o) . s`` by one batched matmul over ``o``."""
+    C, O, T, P = _geometry(x, weight, stride, padding, dilation)
+    route = _build_cost(C, O, T, P, per_output=True,
+                        lag=lag_shape(x, weight, stride, padding, dilation))[1]
+    if T == 1 and route == "sigma":
+        sig64 = _im2col_gram(x, weight, stride, padding, dilation, centre=True)[0, 0]
+        w64 = weight.reshape(O, C).double()
+        # float64: S = 1^T g1 = P var_y may be far smaller than the terms it sums
+        g1 = (w64 @ sig64) * w64                                        # W_o o (Sigma W_o)
+        sig, w = sig64.float(), w64.float()                             # (C, C), (O, C)
+        ob = max(1, min(O, _BLOCK // max(1, C * C)))
+        for o0 in range(0, O, ob):
+            o1 = min(O, o0 + ob)
+
+            def form_of(s, wo=w[o0:o1]):
+                v = s[:, None, :] * wo[None]                            # (k, Oc, C)
+                return (torch.matmul(v, sig) * v).sum(dim=2).double()
+            yield o0, o1, g1[o0:o1], form_of
+        return
+    for o0, o1, g in per_output_grams(x, weight, stride, padding, dilation):  # (Oc, C, C)
+        g32 = g.float()
+
+        def form_of(s, g32=g32):
+            return (torch.matmul(s, g32) * s).sum(dim=2).t().double()
+        yield o0, o1, g.sum(dim=2).double(), form_of
 
 
 def batch_damage(x, weight, masks, stride, padding, dilation, scale, eps) -> torch.Tensor:
     """``(K,)`` float64 damage of ``BN_batch(y_k) - BN_batch(y)`` (post none), summed over o.
 
     With ``e_k`` the centred removed part and ``v_k = u - e_k`` the centred kept part of the
-    output (``u`` = centred unmasked output), ``B = |e|^2 = r^T Gc r``, ``X + B = <u, e> = r .
-    (Gc 1)``, ``A = |v|^2 = S - 2 (X + B) + B`` with ``S = 1^T Gc 1 = P var_y``; the masked output
-    has variance ``A / P``, so with ``a = g / sqrt(var_y + eps)``, ``a_k = g / sqrt(A/P + eps)``
-    the damage ``|a_k v - a u|^2 = (a_k - a)^2 A - 2 a (a_k - a) X + a^2 B``. Each form is taken
-    over the smaller of the removed and kept sets (the other follows from S), so neither
-    subtraction cancels much; ``a_k - a`` is formed from ``var_y - var_k`` directly.
+    output (``u`` = centred unmasked output), ``B = |e|^2 = r^T Gc r``, ``<u, e> = r . (Gc 1)``,
+    ``A = |v|^2 = S - 2 <u, e> + B``, ``<u, v> = S - <u, e>``, ``S = 1^T Gc 1 = P var_y``; the
+    masked output has variance ``A / P``, so with ``a = g / sqrt(var_y + eps)``,
+    ``a_k = g / sqrt(A/P + eps)`` the damage is ``|a_k v - a u|^2``, expanded as the fused
+    kernel does: in ``S, <u, e>, B`` near the unmasked output (``|a_k| <= 2 |a|``), in
+    ``A, <u, v>, S`` far from it. Each form is taken over the smaller of the removed and kept
+    sets and the other follows from S, unless that subtraction cancels (then both are taken
+    directly); ``a_k - a`` is formed from ``var_y - var_k`` directly.
     """
     C, O, T, P = _geometry(x, weight, stride, padding, dilation)
     K = masks.shape[0]
@@ -580,31 +628,39 @@ def batch_damage(x, weight, masks, stride, padding, dilation, scale, eps) -> tor
     all_drop = n_removed == C
     gamma = scale.double().to(x.device)
     out = torch.zeros(K, dtype=torch.float64, device=x.device)
-    for o0, o1, g in per_output_grams(x, weight, stride, padding, dilation):  # (Oc, C, C)
-        g1 = g.sum(dim=2).double()                           # (Oc, C) = Gc 1
-        g32 = g.reshape(o1 - o0, C * C).float()              # (Oc, C^2)
+    for o0, o1, g1, form_of in _per_output_forms(x, weight, stride, padding, dilation):
         S = g1.sum(dim=1)                                    # (Oc,)   = P var_y
         var_y = S / P
         a = gamma[o0:o1] / torch.sqrt(var_y + eps)
         for k0 in range(0, K, _mask_block(K, o1 - o0, C)):
             k1 = min(K, k0 + _mask_block(K, o1 - o0, C))
             s = sel[k0:k1]                                    # (k, C)
-            # s^T Gc_o s for every (k, o) as one float32 GEMM: (s (x) s) . vec(Gc_o) (the 0/1
-            # products are exact; float32 BLAS sums C^2 terms, ~1e-6 relative)
-            s32 = s.float()
-            form = ((s32[:, :, None] * s32[:, None, :]).view(k1 - k0, -1) @ g32.t()).double()
+            form = form_of(s.float())                         # (k, Oc) = s^T Gc_o s
             lin = s @ g1.t()                                  # (k, Oc) = s . Gc 1
+            lin_o = (1 - s) @ g1.t()                          # the same over the other set
+            other = S - 2 * lin + form                        # the other set's form
+            # where that subtraction cancelled (the other set carries almost none of the
+            # variance), its form is taken directly, for those masks only
+            risky = (other < 1e-3 * (S + 2 * lin.abs() + form)).any(dim=1).nonzero()[:, 0]
+            if risky.numel():
+                other[risky] = form_of((1 - s[risky]).float())
             small = small_is_removed[k0:k1, None]
-            B = torch.where(small, form, S - 2 * lin + form)  # |e|^2
-            A = torch.where(small, S - 2 * lin + form, form)  # |v|^2
-            XB = torch.where(small, lin, S - lin)             # <u, e> = X + B
+            B = torch.where(small, form, other)               # |e|^2
+            A = torch.where(small, other, form)               # |v|^2
+            XB = torch.where(small, lin, lin_o)               # <u, e> = X + B
+            UV = torch.where(small, lin_o, lin)               # <u, v> = S - <u, e>
             A = torch.where(all_drop[k0:k1, None], torch.zeros_like(A), A.clamp_min(0.0))
             var_k = A / P
             sk, s0 = torch.sqrt(var_k + eps), torch.sqrt(var_y + eps)
             diff = (2 * XB - B) / P                           # var_y - var_k
             da = gamma[o0:o1] * diff / (sk * s0 * (sk + s0))  # a_k - a
-            X = XB - B
-            d = da * da * A - 2 * a * da * X + a * a * B
+            ak = a + da
+            # the fused kernel's two expansions of |a_k v - a u|^2, each without cancellation
+            # in its regime: near the unmasked output (|a_k| <= 2 |a|) in |u|^2, <u, e>, |e|^2;
+            # far from it in |v|^2, <u, v>, |u|^2
+            near = ak.abs() <= 2 * a.abs()
+            d = torch.where(near, da * da * S - 2 * ak * da * XB + ak * ak * B,
+                            ak * ak * A - 2 * a * ak * UV + a * a * S)
             # v = 0 (every channel removed): BN outputs its shift, the damage is a^2 |u|^2
             d = torch.where(A == 0, a * a * B, d)
             out[k0:k1] += d.sum(dim=1)
