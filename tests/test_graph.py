@@ -423,6 +423,7 @@ class GroupedBlock(nn.Module):
 
 
 def test_grouped_conv_keeps_equal_counts_per_conv_group() -> None:
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     groups = by_name(GroupedBlock(), x)
     assert groups["a.0"].prunable and groups["a.0"].granularity == 4
@@ -442,7 +443,10 @@ def test_grouped_conv_keeps_equal_counts_per_conv_group() -> None:
     assert model.b[0].weight.shape == (8, 1, 3, 3) and model.b[0].groups == 4
     assert opt.state[model.b[0].weight]["momentum_buffer"].shape == (8, 1, 3, 3)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+        # the SGD step on sum() makes outputs of several hundred, whose float32 sums round
+        # to ~1e-7 of that scale, also where an output is small (a wrong cut is off by O(1))
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5 + 1e-6 * scale)
     prune_matches_preview(GroupedBlock(), x, seed=3)
     bad = {"a.0": [0, 1, 3]}
     for call in (lambda m: aofp_ext.masked_forward(m, bad, x),
