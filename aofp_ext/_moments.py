@@ -520,9 +520,6 @@ def _contract(rhs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     most ``2^17`` floats: larger fresh temporaries cost more in page faults than in arithmetic."""
     C, T, _ = rhs.shape
     oc = w.shape[0]
-    if T == 1:      # 1x1 and Linear followers: Gc_o = diag(W_o) Sigma diag(W_o), elementwise
-        v = w[:, :, 0]
-        return v[:, :, None] * rhs[:, 0][None] * v[:, None, :]
     wd, wt = w.permute(1, 0, 2), w.transpose(1, 2)         # (d, o, u), (o, t, c)
     dc = max(1, min(C, (1 << 17) // max(1, oc * C * T)))
     out = w.new_empty(oc, C, C)                             # (o, d, c)
