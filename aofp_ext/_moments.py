@@ -110,9 +110,28 @@ def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
             + (c["build"] * build + c["forms"] * K * grams) / _threads(threads))
 
 
+def fused_batch_relu_cost(C: int, O: int, T: int, P: int, K: int,
+                          threads: int | None = None) -> float:
+    """Predicted seconds of the fused kernel at norm="batch", post="relu": a pass for the
+    output's statistics (the contributions alone), one for every mask's statistics and one for
+    the clipped damage, each costing about a full tile pass."""
+    c = _FUSED_S
+    stats = c["call"] + (c["contrib"] * O * P * C * T + c["cols"] * C * T * P) / _threads(threads)
+    return 2 * fused_cost(C, O, T, P, K, threads) + stats
+
+
 def choose(C: int, O: int, T: int, P: int, K: int, batch: bool,
-           threads: int | None = None, lag: tuple[int, int, int] | None = None) -> str:
-    """``"moments"`` or ``"fused"``: the path the cost model predicts to be faster."""
+           threads: int | None = None, lag: tuple[int, int, int] | None = None,
+           relu: bool = False) -> str:
+    """``"moments"`` or ``"fused"``: the path the cost model predicts to be faster. ``relu``
+    (with ``batch``): the moments give every mask's BN statistics and one fused ReLU pass
+    prices them, against the fused kernel's three passes."""
+    if relu:
+        if not batch:
+            raise ValueError("choose: relu=True applies to batch=True (norm='batch') only")
+        hybrid = moments_cost(C, O, T, P, K, True, threads, lag) + fused_cost(C, O, T, P, K,
+                                                                              threads)
+        return "moments" if hybrid < fused_batch_relu_cost(C, O, T, P, K, threads) else "fused"
     if moments_cost(C, O, T, P, K, batch, threads, lag) < fused_cost(C, O, T, P, K, threads):
         return "moments"
     return "fused"
@@ -602,20 +621,30 @@ def _per_output_forms(x, weight, stride, padding, dilation):
         yield o0, o1, g.sum(dim=2).double(), form_of
 
 
-def batch_damage(x, weight, masks, stride, padding, dilation, scale, eps) -> torch.Tensor:
-    """``(K,)`` float64 damage of ``BN_batch(y_k) - BN_batch(y)`` (post none), summed over o.
+class _BatchForms(NamedTuple):
+    """The second moments of a block of masks ``[k0, k1)`` and output channels ``[o0, o1)``,
+    each ``(k, Oc)`` float64 (``S``: ``(Oc,)``): ``S = |u|^2 = P var_y``, ``A = |v|^2`` (the
+    kept part, centred: ``P var_k``), ``B = |e|^2`` (the removed part), ``XB = <u, e>``,
+    ``UV = <u, v>``."""
+    o0: int
+    o1: int
+    k0: int
+    k1: int
+    S: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    XB: torch.Tensor
+    UV: torch.Tensor
 
-    With ``e_k`` the centred removed part and ``v_k = u - e_k`` the centred kept part of the
+
+def _batch_forms(x, weight, masks, stride, padding, dilation) -> Iterator[_BatchForms]:
+    """With ``e_k`` the centred removed part and ``v_k = u - e_k`` the centred kept part of the
     output (``u`` = centred unmasked output), ``B = |e|^2 = r^T Gc r``, ``<u, e> = r . (Gc 1)``,
-    ``A = |v|^2 = S - 2 <u, e> + B``, ``<u, v> = S - <u, e>``, ``S = 1^T Gc 1 = P var_y``; the
-    masked output has variance ``A / P``, so with ``a = g / sqrt(var_y + eps)``,
-    ``a_k = g / sqrt(A/P + eps)`` the damage is ``|a_k v - a u|^2``, expanded as the fused
-    kernel does: in ``S, <u, e>, B`` near the unmasked output (``|a_k| <= 2 |a|``), in
-    ``A, <u, v>, S`` far from it. Each form is taken over the smaller of the removed and kept
-    sets and the other follows from S, unless that subtraction cancels (then both are taken
-    directly); ``a_k - a`` is formed from ``var_y - var_k`` directly.
-    """
-    C, O, T, P = _geometry(x, weight, stride, padding, dilation)
+    ``A = |v|^2 = S - 2 <u, e> + B``, ``<u, v> = S - <u, e>``, ``S = 1^T Gc 1``. Each form is
+    taken over the smaller of the removed and kept sets and the other follows from S, unless
+    that subtraction cancels (then both are taken directly). ``A`` is 0 for a mask that removes
+    every channel."""
+    C = x.shape[1]
     K = masks.shape[0]
     keep = masks.to(device=x.device, dtype=torch.bool)
     removed = ~keep
@@ -623,12 +652,8 @@ def batch_damage(x, weight, masks, stride, padding, dilation, scale, eps) -> tor
     small_is_removed = n_removed * 2 <= C               # take the form over the smaller set
     sel = torch.where(small_is_removed[:, None], removed, keep).double()   # (K, C)
     all_drop = n_removed == C
-    gamma = scale.double().to(x.device)
-    out = torch.zeros(K, dtype=torch.float64, device=x.device)
     for o0, o1, g1, form_of in _per_output_forms(x, weight, stride, padding, dilation):
         S = g1.sum(dim=1)                                    # (Oc,)   = P var_y
-        var_y = S / P
-        a = gamma[o0:o1] / torch.sqrt(var_y + eps)
         for k0 in range(0, K, _mask_block(K, o1 - o0, C)):
             k1 = min(K, k0 + _mask_block(K, o1 - o0, C))
             s = sel[k0:k1]                                    # (k, C)
@@ -642,26 +667,86 @@ def batch_damage(x, weight, masks, stride, padding, dilation, scale, eps) -> tor
             if risky.numel():
                 other[risky] = form_of((1 - s[risky]).float())
             small = small_is_removed[k0:k1, None]
-            B = torch.where(small, form, other)               # |e|^2
-            A = torch.where(small, other, form)               # |v|^2
-            XB = torch.where(small, lin, lin_o)               # <u, e> = X + B
-            UV = torch.where(small, lin_o, lin)               # <u, v> = S - <u, e>
+            A = torch.where(small, other, form)
             A = torch.where(all_drop[k0:k1, None], torch.zeros_like(A), A.clamp_min(0.0))
-            var_k = A / P
-            sk, s0 = torch.sqrt(var_k + eps), torch.sqrt(var_y + eps)
-            diff = (2 * XB - B) / P                           # var_y - var_k
-            da = gamma[o0:o1] * diff / (sk * s0 * (sk + s0))  # a_k - a
-            ak = a + da
-            # the fused kernel's two expansions of |a_k v - a u|^2, each without cancellation
-            # in its regime: near the unmasked output (|a_k| <= 2 |a|) in |u|^2, <u, e>, |e|^2;
-            # far from it in |v|^2, <u, v>, |u|^2
-            near = ak.abs() <= 2 * a.abs()
-            d = torch.where(near, da * da * S - 2 * ak * da * XB + ak * ak * B,
-                            ak * ak * A - 2 * a * ak * UV + a * a * S)
-            # v = 0 (every channel removed): BN outputs its shift, the damage is a^2 |u|^2
-            d = torch.where(A == 0, a * a * B, d)
-            out[k0:k1] += d.sum(dim=1)
+            yield _BatchForms(o0, o1, k0, k1, S, A, torch.where(small, form, other),
+                              torch.where(small, lin, lin_o), torch.where(small, lin_o, lin))
+
+
+def batch_damage(x, weight, masks, stride, padding, dilation, scale, eps) -> torch.Tensor:
+    """``(K,)`` float64 damage of ``BN_batch(y_k) - BN_batch(y)`` (post none), summed over o.
+
+    From :func:`_batch_forms`: the masked output has variance ``A / P``, so with
+    ``a = g / sqrt(var_y + eps)``, ``a_k = g / sqrt(A/P + eps)`` the damage is
+    ``|a_k v - a u|^2``, expanded as the fused kernel does: in ``S, <u, e>, B`` near the
+    unmasked output (``|a_k| <= 2 |a|``), in ``A, <u, v>, S`` far from it; ``a_k - a`` is formed
+    from ``var_y - var_k`` directly.
+    """
+    P = _geometry(x, weight, stride, padding, dilation)[3]
+    gamma = scale.double().to(x.device)
+    out = torch.zeros(masks.shape[0], dtype=torch.float64, device=x.device)
+    for o0, o1, k0, k1, S, A, B, XB, UV in _batch_forms(x, weight, masks, stride, padding,
+                                                         dilation):
+        var_y = S / P
+        a = gamma[o0:o1] / torch.sqrt(var_y + eps)
+        var_k = A / P
+        sk, s0 = torch.sqrt(var_k + eps), torch.sqrt(var_y + eps)
+        diff = (2 * XB - B) / P                               # var_y - var_k
+        da = gamma[o0:o1] * diff / (sk * s0 * (sk + s0))      # a_k - a
+        ak = a + da
+        # the fused kernel's two expansions of |a_k v - a u|^2, each without cancellation in
+        # its regime: near the unmasked output (|a_k| <= 2 |a|) in |u|^2, <u, e>, |e|^2; far
+        # from it in |v|^2, <u, v>, |u|^2
+        near = ak.abs() <= 2 * a.abs()
+        d = torch.where(near, da * da * S - 2 * ak * da * XB + ak * ak * B,
+                        ak * ak * A - 2 * a * ak * UV + a * a * S)
+        # v = 0 (every channel removed): BN outputs its shift, the damage is a^2 |u|^2
+        d = torch.where(A == 0, a * a * B, d)
+        out[k0:k1] += d.sum(dim=1)
     return out
+
+
+def _output_means(x, weight, stride, padding, dilation) -> torch.Tensor:
+    """``(O, C)`` float64: the mean over the output positions of each contribution ``z_c`` at
+    each output channel (the column sums of one image's im2col of the batch-summed input)."""
+    C, O, T, P = _geometry(x, weight, stride, padding, dilation)
+    if x.dim() == 2:
+        return weight.double() * x.double().sum(dim=0) / P
+    cols = F.unfold(x.double().sum(dim=0, keepdim=True), weight.shape[2:], dilation=dilation,
+                    padding=padding, stride=stride)                     # (1, C T, L)
+    colsum = cols.sum(dim=2).view(C, T)
+    return (weight.double().reshape(O, C, T) * colsum).sum(dim=2) / P
+
+
+def batch_relu_affine(x, weight, masks, bias, stride, padding, dilation, scale, shift, eps
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm on the batch statistics of every masked output, as the per-mask affine of
+    ``ops.masked_relu_damage``: ``(mask_scale, mask_shift)`` ``(K, O)``, ``centre`` and the
+    unmasked output's scale ``(O,)``, float64.
+
+    With ``centre = mean(y)`` and ``d_k`` the removed part, ``y_k - mean(y_k) = (y - centre) -
+    d_k + mean(d_k)``, so BN's output is ``a_k (y_k - centre) + a_k mean(d_k) + shift`` with
+    ``a_k = scale / sqrt(var_k + eps)``: ``var_k = A / P`` from :func:`_batch_forms`, ``mean(d_k)
+    = r_k . mu_o`` from the contributions' means. A mask that removes every channel leaves the
+    bias alone, of variance exactly 0: BN outputs ``shift`` (``a_k = 0``)."""
+    C, O, T, P = _geometry(x, weight, stride, padding, dilation)
+    K = masks.shape[0]
+    gamma, beta = scale.double().to(x.device), shift.double().to(x.device)
+    mu = _output_means(x, weight, stride, padding, dilation)            # (O, C)
+    removed = (~masks.to(device=x.device, dtype=torch.bool)).double()
+    mean_d = removed @ mu.t()                                           # (K, O)
+    all_drop = removed.sum(dim=1) == C
+    mask_scale = torch.empty(K, O, dtype=torch.float64, device=x.device)
+    base_scale = torch.empty(O, dtype=torch.float64, device=x.device)
+    for o0, o1, k0, k1, S, A, *_ in _batch_forms(x, weight, masks, stride, padding, dilation):
+        base_scale[o0:o1] = gamma[o0:o1] / torch.sqrt(S / P + eps)
+        mask_scale[k0:k1, o0:o1] = gamma[o0:o1] / torch.sqrt(A / P + eps)
+    mask_scale[all_drop] = 0.0
+    mask_shift = mask_scale * mean_d + beta
+    centre = mu.sum(dim=1)
+    if bias is not None:
+        centre = centre + bias.double().to(x.device)
+    return mask_scale, mask_shift, centre, base_scale
 
 
 def linear_damage(x, weight, masks, stride, padding, dilation, scale) -> torch.Tensor:

@@ -5,6 +5,8 @@ Every op prices or edits filter channels:
 
 - :func:`masked_damage` -- the damage that each of K channel masks does at a follower's output
   (conv or Linear, optional BN and ReLU), in one fused pass over the masks;
+- :func:`masked_relu_damage` -- the same with ReLU after a per-mask affine of the centred
+  output (BatchNorm's batch statistics of each masked output, computed elsewhere);
 - :func:`channel_gram` and :func:`quadratic_damage` -- the exact damage of masks at a linear
   follower output (conv, or conv + BN with fixed statistics) as a quadratic form;
 - :func:`compact_` -- in-place channel compaction that keeps the tensor objects.
@@ -25,10 +27,12 @@ from ._loader import _C, require_C
 
 __all__ = [
     "masked_damage",
+    "masked_relu_damage",
     "channel_gram",
     "quadratic_damage",
     "compact_",
     "masked_damage_reference",
+    "masked_relu_damage_reference",
     "channel_gram_reference",
     "quadratic_damage_reference",
     "compact_reference_",
@@ -132,7 +136,9 @@ def masked_damage(
         method: ``"auto"`` (default: the cheaper exact path by the cost model of
             docs/kernels.md), ``"fused"`` (the extension's one-pass tile kernel,
             ``torch.ops.aofp.masked_damage``) or ``"moments"`` (the moments of the channel
-            contributions by BLAS, then every mask in closed form; ``post="none"`` only).
+            contributions by BLAS, then every mask in closed form for ``post="none"``; for
+            ``norm="batch", post="relu"`` on the CPU, every masked output's BN statistics from
+            the moments, then one pass of :func:`masked_relu_damage`).
         groups: a grouped conv follower (``weight`` ``(O, C / groups, kh, kw)``): priced conv
             group by conv group (each one's outputs read only its own inputs) and summed.
 
@@ -155,10 +161,12 @@ def masked_damage(
     args = dict(bias=bias, stride=_pair(stride, "stride"), padding=_pair(padding, "padding"),
                 dilation=_pair(dilation, "dilation"), norm=norm, scale=scale, shift=shift,
                 eps=float(eps), post=post)
-    if method == "moments" and not _moments.eligible(norm, post):
-        raise ValueError(f"masked_damage: method='moments' prices post='none' followers only "
-                         f"(norm none/affine/batch), got norm={norm!r}, post={post!r}")
-    if (method != "fused" and _moments.eligible(norm, post)
+    relu_stats = norm == "batch" and post == "relu" and x.device.type == "cpu"
+    if method == "moments" and not (_moments.eligible(norm, post) or relu_stats):
+        raise ValueError(f"masked_damage: method='moments' prices post='none' followers (norm "
+                         f"none/affine/batch) and, on the CPU, norm='batch' with post='relu'; "
+                         f"got norm={norm!r}, post={post!r} on {x.device}")
+    if (method != "fused" and (_moments.eligible(norm, post) or relu_stats)
             and not torch.compiler.is_compiling()):
         # every argument checked by the op itself (no mask is priced with K = 0)
         torch.ops.aofp.masked_damage(x, weight, masks[:0], **args)
@@ -176,7 +184,8 @@ def _use_moments(x, weight, masks, args, forced: bool) -> bool:
     if forced:
         return True
     lag = _moments.lag_shape(x, weight, args["stride"], args["padding"], args["dilation"])
-    return _moments.choose(C, O, T, P, K, args["norm"] == "batch", lag=lag) == "moments"
+    return _moments.choose(C, O, T, P, K, args["norm"] == "batch", lag=lag,
+                           relu=args["post"] == "relu") == "moments"
 
 
 def _masked_damage_moments(x, weight, masks, args) -> torch.Tensor:
@@ -185,12 +194,62 @@ def _masked_damage_moments(x, weight, masks, args) -> torch.Tensor:
                            "1); use a bool tensor")
     geo = (args["stride"], args["padding"], args["dilation"])
     x32, w32 = x.float(), weight.float()
+    if args["post"] == "relu":       # norm="batch": the statistics here, then one ReLU pass
+        mask_scale, mask_shift, centre, base_scale = _moments.batch_relu_affine(
+            x32, w32, masks, args["bias"], *geo, args["scale"], args["shift"], args["eps"])
+        return torch.ops.aofp.masked_relu_damage(
+            x, weight, masks, mask_scale.float(), mask_shift.float(), centre,
+            base_scale.float(), args["shift"], bias=args["bias"], stride=args["stride"],
+            padding=args["padding"], dilation=args["dilation"])
     if args["norm"] == "batch":
         d = _moments.batch_damage(x32, w32, masks, *geo, args["scale"], args["eps"])
     else:
         d = _moments.linear_damage(x32, w32, masks, *geo,
                                    args["scale"] if args["norm"] == "affine" else None)
     return d.float()
+
+
+def masked_relu_damage(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    masks: torch.Tensor,
+    mask_scale: torch.Tensor,
+    mask_shift: torch.Tensor,
+    centre: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """Damage of K channel masks at a follower with a per-mask affine, then ReLU (CPU).
+
+    ``damage[k] = sum((relu(mask_scale[k] * (y_k - centre) + mask_shift[k])
+    - relu(scale * (y - centre) + shift)) ** 2)`` over every output element, each coefficient
+    broadcast over its output channel, with ``y = conv(x) + bias`` and ``y_k = conv(x *
+    masks[k]) + bias``; 0 for a mask that keeps every channel. With ``centre = mean(y)`` and
+    each mask's coefficients from the batch statistics of its own output this is
+    ``masked_damage(norm="batch", post="relu")`` in one pass of the fused kernel instead of
+    three (the statistics come from :mod:`aofp_ext._moments`).
+
+    Args:
+        x, weight, masks, bias, stride, padding, dilation: as :func:`masked_damage`.
+        mask_scale, mask_shift: ``(K, O)``.
+        centre, scale, shift: ``(O,)``; ``centre`` is used in float64.
+
+    Returns:
+        ``(K,)`` float32 (float64 accumulation inside).
+    """
+    if x.device.type != "cpu":
+        raise ValueError(f"masked_relu_damage: runs on the CPU only, got x on {x.device} "
+                         "(on a GPU, masked_damage(norm='batch', post='relu') prices the same in "
+                         "the fused kernel)")
+    return torch.ops.aofp.masked_relu_damage(
+        x, weight, masks, mask_scale, mask_shift, centre, scale, shift, bias=bias,
+        stride=_pair(stride, "stride"), padding=_pair(padding, "padding"),
+        dilation=_pair(dilation, "dilation"))
 
 
 def channel_gram(
@@ -276,6 +335,12 @@ if _C is not None:
         torch._check(masks.dim() == 2, lambda: "masked_damage: masks must be (K, C)")
         return x.new_empty((masks.shape[0],), dtype=_out_dtype(x))
 
+    @torch.library.register_fake("aofp::masked_relu_damage")
+    def _masked_relu_damage_fake(x, weight, masks, mask_scale, mask_shift, centre, scale, shift,
+                                 *, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+        torch._check(masks.dim() == 2, lambda: "masked_relu_damage: masks must be (K, C)")
+        return x.new_empty((masks.shape[0],), dtype=_out_dtype(x))
+
     @torch.library.register_fake("aofp::channel_gram")
     def _channel_gram_fake(x, weight, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                            scale=None):
@@ -343,6 +408,31 @@ def masked_damage_reference(x, weight, masks, *, bias=None, stride=1, padding=0,
     return out
 
 
+def masked_relu_damage_reference(x, weight, masks, mask_scale, mask_shift, centre, scale, shift,
+                                 *, bias=None, stride=1, padding=0, dilation=1,
+                                 dtype=torch.float64):
+    """One masked follower forward per mask, in ``dtype``."""
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    keep = masks.to(torch.bool)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+
+    def v(t):
+        return t.to(dtype).view(shape)
+
+    c = v(centre)
+    base = torch.relu((_follower(x, weight, bias, stride, padding, dilation) - c) * v(scale)
+                      + v(shift))
+    out = torch.zeros(keep.shape[0], dtype=dtype)
+    for k in range(keep.shape[0]):
+        if bool(keep[k].all()):
+            continue
+        yk = _follower(x * keep[k].to(dtype).view(shape), weight, bias, stride, padding,
+                       dilation)
+        out[k] = ((torch.relu((yk - c) * v(mask_scale[k]) + v(mask_shift[k])) - base) ** 2).sum()
+    return out
+
+
 def channel_gram_reference(x, weight, *, stride=1, padding=0, dilation=1, scale=None,
                            dtype=torch.float64, groups=1):
     """``Z`` by one grouped convolution (every (c, o) pair), then ``Z Z^T``, in ``dtype``. A
@@ -382,6 +472,7 @@ def compact_reference_(tensors, dims, keep) -> None:
 
 reference = SimpleNamespace(
     masked_damage=masked_damage_reference,
+    masked_relu_damage=masked_relu_damage_reference,
     channel_gram=channel_gram_reference,
     quadratic_damage=quadratic_damage_reference,
     compact_=compact_reference_,

@@ -425,11 +425,12 @@ def write_markdown(path: str, cfg: Config, rows: list[dict], peaks: dict | None,
 
 
 # --------------------------------------------------------------------------------------------
-# The moments path (post="none" followers): ops.masked_damage's automatic choice against the
-# fused tile pass and the loop, at large K. Separate from the table above (--moments).
+# The moments path (post="none" followers; batch + relu: the statistics from the moments, then
+# one ReLU pass): ops.masked_damage's automatic choice against the fused tile pass and the loop,
+# at large K. Separate from the table above (--moments).
 # --------------------------------------------------------------------------------------------
 
-MOMENT_MODES = (("batch", "none"), ("affine", "none"))
+MOMENT_MODES = (("batch", "none"), ("affine", "none"), ("batch", "relu"))
 
 
 def run_moments(cfg: Config, quiet: bool = False) -> list[dict]:
@@ -458,8 +459,9 @@ def run_moments(cfg: Config, quiet: bool = False) -> list[dict]:
                     # the decision ops.masked_damage(method="auto") makes (the lag route of a
                     # stride-1 follower included)
                     lag = _moments.lag_shape(x, w, (1, 1), (pad, pad), (1, 1))
-                    use = _moments.choose(s.C, s.C, s.k * s.k, P, K, norm == "batch",
-                                          lag=lag) == "moments"
+                    use = _moments.choose(s.C, s.out, s.k * s.k, P, K, norm == "batch",
+                                          lag=lag, relu=post == "relu") == "moments"
+                    use = use and (post == "none" or cfg.device == "cpu")   # CPU only for relu
                     row["chosen"] = "moments" if use else "fused"
                     for method in ("auto", "fused"):
                         if method == "auto" and not use:
@@ -499,9 +501,10 @@ def write_moments(path: str, rows: list[dict], cmd: str, took: float, load0: str
         f"- command: `{cmd}` ({took:.0f} s)",
         "- columns: masks/s of `ops.masked_damage` (method auto: the path its cost model "
         "chooses), of the fused tile pass (method=\"fused\"), of the loop of masked follower "
-        "forwards, and the ratios to the loop. post=\"none\" followers only (the moments path "
-        "prices those); each mask drops floor(C/2) random filters; every figure was checked "
-        "against the loop on the same masks (relative error <= 1e-3) before timing.",
+        "forwards, and the ratios to the loop. post=\"none\" followers (the moments path "
+        "prices those) and batch+relu (the moments give every mask's BN statistics, one fused "
+        "ReLU pass prices them: `ops.masked_relu_damage`); each mask drops floor(C/2) random "
+        "filters; every figure was checked against the loop on the same masks (relative error <= 1e-3) before timing.",
         "", moments_header()] + [format_moments_row(r) for r in rows]
     with open(path, "w") as f:
         f.write(head + "\n".join(lines) + "\n")

@@ -41,6 +41,19 @@ struct MaskedDamageParams {
   float* damage = nullptr;         // out (K)
 };
 
+// masked_relu_damage: each mask normalises its output with its own affine of the centred output,
+//   damage[k] = sum over (n, o, ho, wo) of (relu(A[k, o] (y_k - centre[o]) + B[k, o])
+//                                           - relu(scale[o] (y - centre[o]) + shift[o]))^2,
+// y = conv(x) + bias, y_k = conv(x * masks[k]) + bias; 0 for a mask that keeps every channel.
+// With A, B and centre from BatchNorm's batch statistics of each masked output this is
+// masked_damage's norm = batch, post = relu in one pass (the statistics come from elsewhere).
+// MaskedDamageParams carries x, weight, bias, masks, the base scale/shift and damage.
+struct MaskedAffine {
+  const float* scale = nullptr;    // A: contiguous (K, O)
+  const float* shift = nullptr;    // B: contiguous (K, O)
+  const double* centre = nullptr;  // (O)
+};
+
 // gram[c, c'] = sum over (n, o, ho, wo) of scale[o]^2 * z_c * z_c', z_c = conv(x[:, c], W[:, c]).
 struct ChannelGramParams {
   ConvGeom g;
@@ -82,6 +95,8 @@ void serial_for(int64_t begin, int64_t end, int64_t grain,
 
 namespace cpu {
 void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor);
+void masked_relu_damage(const MaskedDamageParams& p, const MaskedAffine& m,
+                        const ParallelFor& pfor);
 void channel_gram(const ChannelGramParams& p, const ParallelFor& pfor);
 void quadratic_damage(const QuadraticDamageParams& p, const ParallelFor& pfor);
 void compact(const CompactParams& p);

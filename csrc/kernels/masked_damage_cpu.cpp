@@ -477,6 +477,45 @@ void run_pass(PassCtx cx, const ParallelFor& pfor) {
   }
 }
 
+// Mask structure: for mask k, the nonzero subset index of each table group.
+struct MaskIndex {
+  std::vector<int64_t> koff;      // entries [koff[k], koff[k + 1]) of kent belong to mask k
+  std::vector<int32_t> kent;      // table entry indices
+  std::vector<uint8_t> all_drop;  // mask k removes every channel
+};
+
+MaskIndex index_masks(const MaskedDamageParams& p, const Plan& pl) {
+  const int64_t K = p.K, C = p.g.C;
+  MaskIndex mi;
+  mi.koff.assign(size_t(K) + 1, 0);
+  mi.all_drop.assign(size_t(K), 0);
+  mi.kent.reserve(size_t(K * pl.ngroups));
+  for (int64_t k = 0; k < K; ++k) {
+    const uint8_t* m = p.masks + k * C;
+    for (int64_t grp = 0; grp < pl.ngroups; ++grp) {
+      int64_t s = 0;
+      const int64_t c0 = grp * pl.bits;
+      const int64_t nb = std::min<int64_t>(pl.bits, C - c0);
+      for (int64_t i = 0; i < nb; ++i)
+        if (!m[c0 + i]) s |= int64_t(1) << i;
+      if (s) mi.kent.push_back(int32_t(grp * pl.entries + s));
+    }
+    mi.koff[size_t(k) + 1] = int64_t(mi.kent.size());
+    int64_t kept = 0;
+    for (int64_t c = 0; c < C; ++c) kept += m[c] ? 1 : 0;
+    mi.all_drop[size_t(k)] = kept == 0;
+  }
+  return mi;
+}
+
+void sum_damage(const MaskedDamageParams& p, const std::vector<double>& acc) {
+  for (int64_t k = 0; k < p.K; ++k) {
+    double s = 0.0;
+    for (int64_t o = 0; o < p.g.O; ++o) s += acc[size_t(k * p.g.O + o)];
+    p.damage[k] = float(s);
+  }
+}
+
 }  // namespace
 
 void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
@@ -487,27 +526,9 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
   if (K == 0 || P == 0 || O == 0 || C == 0) return;
 
   const Plan pl = make_plan(g, K);
-
-  // Mask structure: the nonzero subset index of each group, per mask.
-  std::vector<int64_t> koff(size_t(K) + 1, 0);
-  std::vector<uint8_t> all_drop(size_t(K), 0);
-  std::vector<int32_t> kent;
-  kent.reserve(size_t(K * pl.ngroups));
-  for (int64_t k = 0; k < K; ++k) {
-    const uint8_t* m = p.masks + k * C;
-    for (int64_t grp = 0; grp < pl.ngroups; ++grp) {
-      int64_t s = 0;
-      const int64_t c0 = grp * pl.bits;
-      const int64_t nb = std::min<int64_t>(pl.bits, C - c0);
-      for (int64_t i = 0; i < nb; ++i)
-        if (!m[c0 + i]) s |= int64_t(1) << i;
-      if (s) kent.push_back(int32_t(grp * pl.entries + s));
-    }
-    koff[size_t(k) + 1] = int64_t(kent.size());
-    int64_t kept = 0;
-    for (int64_t c = 0; c < C; ++c) kept += m[c] ? 1 : 0;
-    all_drop[size_t(k)] = kept == 0;
-  }
+  const MaskIndex mi = index_masks(p, pl);
+  const std::vector<int64_t>& koff = mi.koff;
+  const std::vector<uint8_t>& all_drop = mi.all_drop;
 
   std::vector<float> ones(size_t(O), 1.f), zeros(size_t(O), 0.f);
   const float* slope = p.norm == Norm::None ? ones.data() : p.scale;
@@ -517,7 +538,7 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
   cx.p = &p;
   cx.pl = &pl;
   cx.koff = koff.data();
-  cx.kent = kent.data();
+  cx.kent = mi.kent.data();
   cx.slope = slope;
   cx.offset = offset;
 
@@ -605,11 +626,37 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
       run_pass(cx, pfor);
     }
   }
-  for (int64_t k = 0; k < K; ++k) {
-    double s = 0.0;
-    for (int64_t o = 0; o < O; ++o) s += acc[size_t(k * O + o)];
-    p.damage[k] = float(s);
-  }
+  sum_damage(p, acc);
+}
+
+void masked_relu_damage(const MaskedDamageParams& p, const MaskedAffine& m,
+                        const ParallelFor& pfor) {
+  const ConvGeom& g = p.g;
+  const int64_t K = p.K, O = g.O, C = g.C;
+  const int64_t P = g.positions();
+  for (int64_t k = 0; k < K; ++k) p.damage[k] = 0.f;
+  if (K == 0 || P == 0 || O == 0 || C == 0) return;
+
+  const Plan pl = make_plan(g, K);
+  const MaskIndex mi = index_masks(p, pl);
+  std::vector<double> acc(size_t(K * O), 0.0);
+  // One Relu pass: w = y - centre, base = relu(scale w + shift), each mask's
+  // relu(mask_scale (w - d) + mask_shift) against it.
+  PassCtx cx{};
+  cx.p = &p;
+  cx.pl = &pl;
+  cx.pass = Pass::Relu;
+  cx.koff = mi.koff.data();
+  cx.kent = mi.kent.data();
+  cx.mean_y = m.centre;
+  cx.A = m.scale;
+  cx.B = m.shift;
+  cx.slope = p.scale;
+  cx.offset = p.shift;
+  cx.base_a = p.scale;
+  cx.acc = acc.data();
+  run_pass(cx, pfor);
+  sum_damage(p, acc);
 }
 
 }  // namespace cpu

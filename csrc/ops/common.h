@@ -166,8 +166,8 @@ inline MaskedDamageInputs prepare_masked_damage(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& masks,
     const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, c10::string_view norm, const c10::optional<at::Tensor>& scale,
-    const c10::optional<at::Tensor>& shift, double eps, c10::string_view post) {
-  const char* op = "masked_damage";
+    const c10::optional<at::Tensor>& shift, double eps, c10::string_view post,
+    const char* op = "masked_damage") {
   MaskedDamageInputs in;
   in.p.g = make_geometry(op, x, weight, stride, padding, dilation);
   const int64_t O = in.p.g.O;
