@@ -112,12 +112,10 @@ def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
 
 def fused_batch_relu_cost(C: int, O: int, T: int, P: int, K: int,
                           threads: int | None = None) -> float:
-    """Predicted seconds of the fused kernel at norm="batch", post="relu": a pass for the
-    output's statistics (the contributions alone), one for every mask's statistics and one for
-    the clipped damage, each costing about a full tile pass."""
-    c = _FUSED_S
-    stats = c["call"] + (c["contrib"] * O * P * C * T + c["cols"] * C * T * P) / _threads(threads)
-    return 2 * fused_cost(C, O, T, P, K, threads) + stats
+    """Predicted seconds of the fused kernel at norm="batch", post="relu": one pass for every
+    mask's BN statistics (and the output's), one for the clipped damage, each about a full tile
+    pass."""
+    return 2 * fused_cost(C, O, T, P, K, threads)
 
 
 def choose(C: int, O: int, T: int, P: int, K: int, batch: bool,
@@ -125,7 +123,7 @@ def choose(C: int, O: int, T: int, P: int, K: int, batch: bool,
            relu: bool = False) -> str:
     """``"moments"`` or ``"fused"``: the path the cost model predicts to be faster. ``relu``
     (with ``batch``): the moments give every mask's BN statistics and one fused ReLU pass
-    prices them, against the fused kernel's three passes."""
+    prices them, against the fused kernel's two passes."""
     if relu:
         if not batch:
             raise ValueError("choose: relu=True applies to batch=True (norm='batch') only")

@@ -14,10 +14,11 @@
 // sums in float64 per (mask, output channel); the per-mask damage sums those in float64.
 //
 // BatchNorm on batch statistics needs, per (k, o), the mean of d and the centred moments
-// M2(d), C(u, d), M2(u - d) with u = y - mean(y): a pre-pass gives mean/var of y, one pass
-// gathers the moments (row means first, rows merged with Chan's formula, so no sum of squares
-// loses precision to a large mean), and for post = "none" the damage follows in closed form;
-// for post = "relu" a second pass applies each mask's own normalisation and clips.
+// M2(d), C(u, d), M2(u - d) with u = y - mean(y). Centred moments do not depend on where u is
+// centred, so one pass gathers them from u = y together with the mean and M2 of y itself (row
+// means first, rows merged with Chan's formula, so no sum of squares loses precision to a large
+// mean), and for post = "none" the damage follows in closed form; for post = "relu" a second
+// pass applies each mask's own normalisation and clips.
 #include <cmath>
 #include <limits>
 
@@ -33,7 +34,7 @@ constexpr int64_t kColsBudget = int64_t(1) << 20;   // floats of im2col per chun
 constexpr int64_t kMinRow = 16;
 constexpr int64_t kMaxRow = 1024;
 
-enum class Pass { YStats, Linear, Relu, BnStats };
+enum class Pass { Linear, Relu, BnStats };
 
 struct Plan {
   int bits = 1;          // channels per subset table
@@ -232,7 +233,7 @@ struct PassCtx {
   const int64_t* koff;
   const int32_t* kent;
   // per-channel constants
-  const double* mean_y;   // BN: mean of y per o
+  const double* mean_y;   // Relu pass: the centre of y per o, or nullptr (none)
   const float* A;         // Relu pass: per (k, o) slope (K x O) or nullptr (then per-o `slope`)
   const float* B;         // Relu pass: per (k, o) offset or nullptr (then per-o `offset`)
   const float* slope;     // per o
@@ -240,8 +241,7 @@ struct PassCtx {
   const float* base_a;    // BN relu: base slope per o (a = scale / sqrt(var + eps))
   // outputs
   double* acc;            // (K x O) damage sums, or (K x O x 4) BN moments
-  double* ystat;          // YStats: per o {mean, M2} of y
-  double* umean;          // BnStats: per o running mean of u over the positions seen so far
+  double* ystat;          // BnStats: per o {mean, M2} of y over the positions seen so far
 };
 
 // Chan et al.'s merge of a block of nb values (mean mb, centred sum of squares m2b) into a
@@ -255,7 +255,7 @@ AOFP_INLINE void merge_moments(double* mean, double* m2, double na, double nb, d
 
 // Per-task scratch buffers.
 struct Scratch {
-  std::vector<float> z, tab, y, w, base, d;
+  std::vector<float> z, tab, y, w, base, d, rowstat;
   std::vector<const float*> rows;
 };
 
@@ -320,24 +320,6 @@ AOFP_HOT void run_tile(const PassCtx& cx, int64_t o0, int64_t no, int64_t j0, in
   const int64_t ldz = pl.P_t;
   compute_z(cx, o0, no, j0, n, sc.z.data(), ldz);
 
-  if (cx.pass == Pass::YStats) {
-    compute_y(cx, o0, no, n, sc.z.data(), ldz, sc.y.data());
-    const double na = double(cx.q_chunk + j0);  // positions of o merged so far
-    for (int64_t ol = 0; ol < no; ++ol) {
-      const int64_t o = o0 + ol;
-      const float* __restrict yr = sc.y.data() + ol * ldz;
-      float s1 = 0.f;
-#pragma omp simd reduction(+ : s1)
-      for (int64_t j = 0; j < n; ++j) s1 += yr[j];
-      const float mb = s1 / float(n);
-      float s2 = 0.f;
-#pragma omp simd reduction(+ : s2)
-      for (int64_t j = 0; j < n; ++j) s2 += (yr[j] - mb) * (yr[j] - mb);
-      merge_moments(cx.ystat + 2 * o, cx.ystat + 2 * o + 1, na, double(n), mb, s2);
-    }
-    return;
-  }
-
   // Per-row inputs of the epilogue: w (y or centred y) and the unmasked output `base`.
   if (cx.pass != Pass::Linear) {
     compute_y(cx, o0, no, n, sc.z.data(), ldz, sc.y.data());
@@ -366,13 +348,18 @@ AOFP_HOT void run_tile(const PassCtx& cx, int64_t o0, int64_t no, int64_t j0, in
   build_tables(cx, no, n, sc.z.data(), ldz, sc.tab.data());
 
   const double na = double(cx.q_chunk + j0);  // positions of each o merged before this tile
-  if (cx.pass == Pass::BnStats) {
+  if (cx.pass == Pass::BnStats) {  // row mean and M2 of u = y
     for (int64_t ol = 0; ol < no; ++ol) {
       const float* __restrict wr = sc.w.data() + ol * ldz;
       float s1 = 0.f;
 #pragma omp simd reduction(+ : s1)
       for (int64_t j = 0; j < n; ++j) s1 += wr[j];
-      sc.base[ol] = s1 / float(n);  // row mean of u (base is unused in this pass)
+      const float mb = s1 / float(n);
+      float s2 = 0.f;
+#pragma omp simd reduction(+ : s2)
+      for (int64_t j = 0; j < n; ++j) s2 += (wr[j] - mb) * (wr[j] - mb);
+      sc.rowstat[2 * ol] = mb;
+      sc.rowstat[2 * ol + 1] = s2;
     }
   }
 
@@ -413,12 +400,12 @@ AOFP_HOT void run_tile(const PassCtx& cx, int64_t o0, int64_t no, int64_t j0, in
         case Pass::BnStats: {
           sum_rows(d, rows, ne, n);
           // Per (k, o): {mean d, M2 of d, co-moment of (u, d), M2 of u - d}, merged per row.
-          const float mu = sc.base[ol];
+          const float mu = sc.rowstat[2 * ol];
           float md, m3[3];
           bn_row_moments(sc.w.data() + ol * ldz, d, mu, n, &md, m3);
           double* st = cx.acc + (k * O + o) * 4;
           const double nb = double(n), nt = na + nb, f = na * nb / nt;
-          const double dd = double(md) - st[0], du = double(mu) - cx.umean[o], dv = du - dd;
+          const double dd = double(md) - st[0], du = double(mu) - cx.ystat[2 * o], dv = du - dd;
           st[0] += dd * nb / nt;
           st[1] += double(m3[0]) + dd * dd * f;
           st[2] += double(m3[1]) + du * dd * f;
@@ -430,10 +417,10 @@ AOFP_HOT void run_tile(const PassCtx& cx, int64_t o0, int64_t no, int64_t j0, in
       }
     }
   }
-  if (cx.pass == Pass::BnStats) {
+  if (cx.pass == Pass::BnStats) {  // the row of y joins its running moments (after the masks')
     for (int64_t ol = 0; ol < no; ++ol) {
-      double* m = cx.umean + o0 + ol;
-      *m += (double(sc.base[ol]) - *m) * double(n) / (na + double(n));
+      double* st = cx.ystat + 2 * (o0 + ol);
+      merge_moments(st, st + 1, na, double(n), sc.rowstat[2 * ol], sc.rowstat[2 * ol + 1]);
     }
   }
 }
@@ -447,7 +434,6 @@ void run_pass(PassCtx cx, const ParallelFor& pfor) {
   const int64_t KK = g.taps();
   std::vector<float> cols(size_t(g.C * KK) * size_t(pl.P_chunk));
   PositionRange pr;
-  const bool need_tables = cx.pass != Pass::YStats;
   for (int64_t q0 = 0; q0 < P; q0 += pl.P_chunk) {
     const int64_t nq = std::min(pl.P_chunk, P - q0);
     pr.set(g, q0, nq);
@@ -464,7 +450,8 @@ void run_pass(PassCtx cx, const ParallelFor& pfor) {
       sc.w.assign(tile, 0.f);
       sc.base.assign(tile, 0.f);
       sc.d.assign(size_t(pl.P_t), 0.f);
-      if (need_tables) sc.tab.assign(size_t(pl.ngroups * pl.entries) * tile, 0.f);
+      sc.tab.assign(size_t(pl.ngroups * pl.entries) * tile, 0.f);
+      sc.rowstat.assign(size_t(2 * pl.O_t), 0.f);
       sc.rows.assign(size_t(pl.ngroups), nullptr);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t o0 = t * pl.O_t;
@@ -549,10 +536,12 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
     cx.pass = p.post == Post::Relu ? Pass::Relu : Pass::Linear;
     run_pass(cx, pfor);
   } else {
-    // Pre-pass: mean and (biased) variance of y per output channel.
+    // One pass: per (k, o) centred moments of d and of u - d, and per o the mean and M2 of y.
     std::vector<double> ystat(static_cast<size_t>(2 * O), 0.0);
-    cx.pass = Pass::YStats;
+    std::vector<double> mom(static_cast<size_t>(K * O * 4), 0.0);
+    cx.pass = Pass::BnStats;
     cx.ystat = ystat.data();
+    cx.acc = mom.data();
     run_pass(cx, pfor);
     const double Pd = double(P);
     std::vector<double> mean_y(static_cast<size_t>(O)), var_y(static_cast<size_t>(O));
@@ -560,14 +549,6 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
       mean_y[size_t(o)] = ystat[size_t(2 * o)];
       var_y[size_t(o)] = ystat[size_t(2 * o + 1)] / Pd;
     }
-    // Pass 1: per (k, o) centred moments of d and of u - d (u = y - mean y).
-    std::vector<double> mom(static_cast<size_t>(K * O * 4), 0.0);
-    std::vector<double> umean(static_cast<size_t>(O), 0.0);
-    cx.pass = Pass::BnStats;
-    cx.mean_y = mean_y.data();
-    cx.umean = umean.data();
-    cx.acc = mom.data();
-    run_pass(cx, pfor);
 
     // With v = y_k - mean(y_k) = u - e (e = d - mean d), the masked output's variance is
     // var_k = M2(u - d) / P, and the damage of post = "none" is sum (a_k v - a u)^2, which
@@ -619,6 +600,7 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
     if (p.post == Post::Relu) {
       // Pass 2: v = a_k (u - d) + (a_k mean d + shift), clipped, against relu(a u + shift).
       cx.pass = Pass::Relu;
+      cx.mean_y = mean_y.data();
       cx.acc = acc.data();
       cx.A = A.data();
       cx.B = B.data();
