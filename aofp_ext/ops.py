@@ -232,7 +232,7 @@ def masked_relu_damage(
     masks[k]) + bias``; 0 for a mask that keeps every channel. With ``centre = mean(y)`` and
     each mask's coefficients from the batch statistics of its own output this is
     ``masked_damage(norm="batch", post="relu")`` in one pass of the fused kernel instead of
-    three (the statistics come from :mod:`aofp_ext._moments`).
+    two (the statistics come from :mod:`aofp_ext._moments`).
 
     Args:
         x, weight, masks, bias, stride, padding, dilation: as :func:`masked_damage`.

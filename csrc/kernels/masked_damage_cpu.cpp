@@ -495,6 +495,22 @@ MaskIndex index_masks(const MaskedDamageParams& p, const Plan& pl) {
   return mi;
 }
 
+// Zeroes the damage; true when there is nothing to price (the zeros are the answer).
+bool nothing_to_price(const MaskedDamageParams& p) {
+  for (int64_t k = 0; k < p.K; ++k) p.damage[k] = 0.f;
+  return p.K == 0 || p.g.positions() == 0 || p.g.O == 0 || p.g.C == 0;
+}
+
+// The context every pass of one call shares: the params, the tile plan, the mask structure.
+PassCtx make_ctx(const MaskedDamageParams& p, const Plan& pl, const MaskIndex& mi) {
+  PassCtx cx{};
+  cx.p = &p;
+  cx.pl = &pl;
+  cx.koff = mi.koff.data();
+  cx.kent = mi.kent.data();
+  return cx;
+}
+
 void sum_damage(const MaskedDamageParams& p, const std::vector<double>& acc) {
   for (int64_t k = 0; k < p.K; ++k) {
     double s = 0.0;
@@ -506,11 +522,10 @@ void sum_damage(const MaskedDamageParams& p, const std::vector<double>& acc) {
 }  // namespace
 
 void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
+  if (nothing_to_price(p)) return;
   const ConvGeom& g = p.g;
-  const int64_t K = p.K, O = g.O, C = g.C;
+  const int64_t K = p.K, O = g.O;
   const int64_t P = g.positions();
-  for (int64_t k = 0; k < K; ++k) p.damage[k] = 0.f;
-  if (K == 0 || P == 0 || O == 0 || C == 0) return;
 
   const Plan pl = make_plan(g, K);
   const MaskIndex mi = index_masks(p, pl);
@@ -521,11 +536,7 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
   const float* slope = p.norm == Norm::None ? ones.data() : p.scale;
   const float* offset = p.norm == Norm::None ? zeros.data() : p.shift;
 
-  PassCtx cx{};
-  cx.p = &p;
-  cx.pl = &pl;
-  cx.koff = koff.data();
-  cx.kent = mi.kent.data();
+  PassCtx cx = make_ctx(p, pl, mi);
   cx.slope = slope;
   cx.offset = offset;
 
@@ -613,29 +624,19 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
 
 void masked_relu_damage(const MaskedDamageParams& p, const MaskedAffine& m,
                         const ParallelFor& pfor) {
-  const ConvGeom& g = p.g;
-  const int64_t K = p.K, O = g.O, C = g.C;
-  const int64_t P = g.positions();
-  for (int64_t k = 0; k < K; ++k) p.damage[k] = 0.f;
-  if (K == 0 || P == 0 || O == 0 || C == 0) return;
-
-  const Plan pl = make_plan(g, K);
+  if (nothing_to_price(p)) return;
+  const Plan pl = make_plan(p.g, p.K);
   const MaskIndex mi = index_masks(p, pl);
-  std::vector<double> acc(size_t(K * O), 0.0);
+  std::vector<double> acc(size_t(p.K * p.g.O), 0.0);
   // One Relu pass: w = y - centre, base = relu(scale w + shift), each mask's
   // relu(mask_scale (w - d) + mask_shift) against it.
-  PassCtx cx{};
-  cx.p = &p;
-  cx.pl = &pl;
+  PassCtx cx = make_ctx(p, pl, mi);
   cx.pass = Pass::Relu;
-  cx.koff = mi.koff.data();
-  cx.kent = mi.kent.data();
   cx.mean_y = m.centre;
   cx.A = m.scale;
   cx.B = m.shift;
-  cx.slope = p.scale;
+  cx.slope = p.scale;     // the base's slope (A is given per mask)
   cx.offset = p.shift;
-  cx.base_a = p.scale;
   cx.acc = acc.data();
   run_pass(cx, pfor);
   sum_damage(p, acc);
