@@ -457,17 +457,20 @@ def channel_major(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.permute(2, 0, 3, 1).reshape(C * T, C * T)
 
 
-def _contributions(x, weight, stride, padding, dilation, o0, o1) -> Iterator[torch.Tensor]:
-    """``(Oc, C, n*L)`` float32 blocks of ``z_c`` for the output channels ``o0:o1``, by one
-    batched matmul over the channels: ``z[c, o] = W[o, c, :] @ cols[c, :, :]``."""
+def _contributions(x, weight, stride, padding, dilation, o0, o1, centre=False,
+                   dtype=torch.float32) -> Iterator[torch.Tensor]:
+    """``(Oc, C, n*L)`` blocks of ``z_c`` (in ``dtype``) for the output channels ``o0:o1``, by
+    one batched matmul over the channels: ``z[c, o] = W[o, c, :] @ cols[c, :, :]``. ``centre``:
+    from the shifted im2col rows (:func:`_cols`), so each ``z[c, o]`` is shifted by a constant,
+    which centred moments do not see."""
     O, C = weight.shape[:2]
     oc = o1 - o0
     C, _, T, P = _geometry(x, weight, stride, padding, dilation)
-    w = weight[o0:o1].reshape(oc, C, T).transpose(0, 1)           # (C, Oc, T)
+    w = weight[o0:o1].reshape(oc, C, T).transpose(0, 1).to(dtype)  # (C, Oc, T)
     L = P // max(1, x.shape[0])
     step = _samples_per_block(x.shape[0], C * max(oc, T) * L)
-    for cols in _cols(x, weight, stride, padding, dilation, step):
-        z = torch.bmm(w, cols.view(C, T, -1))                      # (C, Oc, n*L)
+    for cols in _cols(x, weight, stride, padding, dilation, step, centre=centre):
+        z = torch.bmm(w, cols.view(C, T, -1).to(dtype))            # (C, Oc, n*L)
         yield z.transpose(0, 1).contiguous()
 
 
@@ -502,30 +505,42 @@ def _sym(g: torch.Tensor) -> torch.Tensor:
 
 
 def per_output_grams(x, weight, stride, padding, dilation) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(o0, o1, Gc)`` per block of output channels: ``Gc`` ``(o1 - o0, C, C)`` (float32 from
-    the im2col Gram, float64 from the contributions), the centred Gram of the contributions
-    for each output channel."""
+    """``(o0, o1, Gc)`` per block of output channels: ``Gc`` ``(C, C, o1 - o0)``, output channel
+    last and contiguous (float32 from the im2col Gram, float64 from the contributions), the
+    centred Gram of the contributions for each output channel."""
     C, O, T, P = _geometry(x, weight, stride, padding, dilation)
     _, route, _, _ = _build_cost(C, O, T, P, per_output=True,
                                  lag=lag_shape(x, weight, stride, padding, dilation))
-    # the sigma route holds (Oc, C, C) Grams (its contraction buffer is bounded on its own);
+    # the sigma route holds (C, C, Oc) Grams (its contraction buffer is bounded on its own);
     # the z route also (C, Oc, positions) contributions
     ob = max(1, min(O, _BLOCK // max(1, C * C * (1 if route == "sigma" else T))))
     if route == "sigma":
         # float32 from here: the centred Gram has no large common part left to cancel
         blocks = _im2col_gram(x, weight, stride, padding, dilation, centre=True,
                               dtype=torch.float32)
+        if x.device.type == "cpu":
+            # the extension's op reads blocks[:, :, c, d] contiguous: one copy for all blocks
+            blocks = blocks.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+            for o0 in range(0, O, ob):
+                o1 = min(O, o0 + ob)
+                yield o0, o1, torch.ops.aofp.output_grams(blocks, weight[o0:o1])
+            return
         rhs = blocks.permute(3, 1, 0, 2).reshape(C, T, T * C)          # (d, u, (t, c))
         for o0 in range(0, O, ob):
             o1 = min(O, o0 + ob)
-            yield o0, o1, _contract(rhs, weight[o0:o1].reshape(o1 - o0, C, T).float())
+            g = _contract(rhs, weight[o0:o1].reshape(o1 - o0, C, T).float())
+            yield o0, o1, g.permute(1, 2, 0).contiguous()
         return
     for o0 in range(0, O, ob):
         o1 = min(O, o0 + ob)
         m = _Moments()
-        for z in _contributions(x, weight, stride, padding, dilation, o0, o1):
+        # float64: this route serves followers with few outputs (the cost model's choice
+        # where O C^2 P < (C T)^2 P / 2), whose centred Grams can cancel to a few digits in
+        # float32 (a nearly constant output channel: 1^T Gc 1 far below its terms)
+        for z in _contributions(x, weight, stride, padding, dilation, o0, o1, centre=True,
+                                dtype=torch.float64):
             m.add(z, centred=True)                                  # (Oc, C, n)
-        yield o0, o1, _sym(m.centred_gram())
+        yield o0, o1, _sym(m.centred_gram()).permute(1, 2, 0).contiguous()
 
 
 def _contract(rhs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -611,12 +626,18 @@ def _per_output_forms(x, weight, stride, padding, dilation):
                 return (torch.matmul(v, sig) * v).sum(dim=2).double()
             yield o0, o1, g1[o0:o1], form_of
         return
-    for o0, o1, g in per_output_grams(x, weight, stride, padding, dilation):  # (Oc, C, C)
+    for o0, o1, g in per_output_grams(x, weight, stride, padding, dilation):  # (C, C, Oc)
         g32 = g.float()
-
-        def form_of(s, g32=g32):
-            return (torch.matmul(s, g32) * s).sum(dim=2).t().double()
-        yield o0, o1, g.sum(dim=2).double(), form_of
+        if x.device.type == "cpu":
+            def form_of(s, g32=g32):
+                # the extension's op: |s|^2 adds per (mask, output) instead of C^2 multiply-adds
+                return torch.ops.aofp.gram_forms(g32, s.bool())
+        else:
+            def form_of(s, g32=g32.view(C, -1)):                        # (c, (d, o))
+                # one GEMM over every output channel of the block, then the dot with s over d
+                r = torch.mm(s, g32).view(s.shape[0], C, -1)           # (k, d, Oc)
+                return torch.bmm(s.unsqueeze(1), r).squeeze(1).double()
+        yield o0, o1, g.sum(dim=1).double().t(), form_of
 
 
 class _BatchForms(NamedTuple):

@@ -30,11 +30,15 @@ __all__ = [
     "masked_relu_damage",
     "channel_gram",
     "quadratic_damage",
+    "output_grams",
+    "gram_forms",
     "compact_",
     "masked_damage_reference",
     "masked_relu_damage_reference",
     "channel_gram_reference",
     "quadratic_damage_reference",
+    "output_grams_reference",
+    "gram_forms_reference",
     "compact_reference_",
     "reference",
 ]
@@ -305,6 +309,37 @@ def quadratic_damage(gram: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.ops.aofp.quadratic_damage(gram, masks)
 
 
+def output_grams(blocks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel Grams from the im2col Gram's tap blocks (CPU):
+    ``grams[c, d, o] = sum over taps (t, u) of W[o, c, t] blocks[t, u, c, d] W[o, d, u]``.
+
+    ``blocks``: ``(T, T, C, C)`` (``blocks[t, u]`` the Gram block of im2col taps ``t`` and
+    ``u``), ``weight``: the follower's ``(O, C, kh, kw)`` (``kh * kw = T``) or Linear ``(O, C)``
+    (``T = 1``). Returns ``(C, C, O)`` float32, output channel last: ``grams[:, :, o]`` is the
+    Gram of the contributions ``z_c = conv(x[:, c], W[o, c])`` when ``blocks`` is the Gram of
+    ``x``'s im2col rows (the moments path's per-output forms, docs/kernels.md).
+    """
+    _check_backend("output_grams", blocks, weight)
+    if blocks.device.type != "cpu":
+        raise ValueError(f"output_grams: runs on the CPU only, got blocks on {blocks.device}")
+    return torch.ops.aofp.output_grams(blocks, weight)
+
+
+def gram_forms(grams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``forms[k, o] = m_k^T grams[:, :, o] m_k`` with ``m_k = masks[k]`` (1 = keep), CPU.
+
+    ``grams``: ``(C, C, O)`` symmetric in ``(c, d)`` (as :func:`output_grams` returns them; only
+    the upper triangle ``d >= c`` is read, the lower one is taken as its mirror), ``masks``:
+    ``(K, C)`` bool. The sum of ``grams[c, d, o]`` over each mask's pairs of kept channels
+    (``|kept|^2 / 2`` adds per mask and output channel, float32 over ``d`` and float64 over
+    ``c``). Returns ``(K, O)`` float64.
+    """
+    _check_backend("gram_forms", grams, masks)
+    if grams.device.type != "cpu":
+        raise ValueError(f"gram_forms: runs on the CPU only, got grams on {grams.device}")
+    return torch.ops.aofp.gram_forms(grams, masks)
+
+
 def compact_(tensors: Sequence[torch.Tensor], dims: Sequence[int], keep: torch.Tensor) -> None:
     """In place, keep only the slices ``keep`` (sorted, unique int64) of each tensor along its dim.
 
@@ -349,6 +384,15 @@ if _C is not None:
     @torch.library.register_fake("aofp::quadratic_damage")
     def _quadratic_damage_fake(gram, masks):
         return gram.new_empty((masks.shape[0],), dtype=_out_dtype(gram))
+
+    @torch.library.register_fake("aofp::output_grams")
+    def _output_grams_fake(blocks, weight):
+        C = blocks.shape[2]
+        return blocks.new_empty((C, C, weight.shape[0]), dtype=_out_dtype(blocks))
+
+    @torch.library.register_fake("aofp::gram_forms")
+    def _gram_forms_fake(grams, masks):
+        return grams.new_empty((masks.shape[0], grams.shape[2]), dtype=torch.float64)
 
     @torch.library.register_fake("aofp::compact_")
     def _compact_fake(tensors, dims, keep):
@@ -463,6 +507,22 @@ def quadratic_damage_reference(gram, masks, dtype=torch.float64):
     return ((r @ gram.to(dtype)) * r).sum(dim=1)
 
 
+def output_grams_reference(blocks, weight, dtype=torch.float64):
+    """The same contraction by ``einsum``, in ``dtype``."""
+    O, C = weight.shape[:2]
+    w = weight.to(dtype).reshape(O, C, -1)
+    return torch.einsum("oct,tucd,odu->cdo", w, blocks.to(dtype), w)
+
+
+def gram_forms_reference(grams, masks, dtype=torch.float64):
+    """By ``einsum`` over the Grams' upper triangle and its mirror, in ``dtype``."""
+    m = masks.to(torch.bool).to(dtype)
+    g = grams.to(dtype)
+    upper = torch.ones(g.shape[:2], dtype=torch.bool, device=g.device).triu()[:, :, None]
+    g = torch.where(upper, g, g.transpose(0, 1))
+    return torch.einsum("kc,cdo,kd->ko", m, g, m)
+
+
 def compact_reference_(tensors, dims, keep) -> None:
     """Same contract as :func:`compact_`, by ``index_select`` and ``set_`` (makes copies)."""
     with torch.no_grad():
@@ -475,5 +535,7 @@ reference = SimpleNamespace(
     masked_relu_damage=masked_relu_damage_reference,
     channel_gram=channel_gram_reference,
     quadratic_damage=quadratic_damage_reference,
+    output_grams=output_grams_reference,
+    gram_forms=gram_forms_reference,
     compact_=compact_reference_,
 )

@@ -14,5 +14,7 @@ TORCH_LIBRARY(aofp, m) {
       "channel_gram(Tensor x, Tensor weight, *, int[2] stride=1, int[2] padding=0, "
       "int[2] dilation=1, Tensor? scale=None) -> Tensor");
   m.def("quadratic_damage(Tensor gram, Tensor masks) -> Tensor");
+  m.def("output_grams(Tensor blocks, Tensor weight) -> Tensor");
+  m.def("gram_forms(Tensor grams, Tensor masks) -> Tensor");
   m.def("compact_(Tensor(a!)[] tensors, int[] dims, Tensor keep) -> ()");
 }

@@ -523,6 +523,156 @@ def test_channel_gram_blas_matches_kernel():
 
 
 # ------------------------------------------------------------------------------------------
+# output_grams / gram_forms (the moments path's per-output Grams and their forms)
+# ------------------------------------------------------------------------------------------
+
+
+def assert_grams_close(got, ref, rtol=1e-4, atol_frac=1e-5):
+    """float32 against a float64 reference: sums of mixed signs, so the absolute floor is a
+    fraction of the largest magnitude (as for the damages)."""
+    assert got.dtype == torch.float32 and got.shape == ref.shape, (got.dtype, got.shape, ref.shape)
+    atol = atol_frac * float(ref.abs().max()) if ref.numel() else 0.0
+    torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(C=st.integers(1, 40), O=st.integers(1, 70), kh=st.integers(1, 3), kw=st.integers(1, 3),
+       linear=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_output_grams_sweep(C, O, kh, kw, linear, seed):
+    """Random (not symmetric) blocks: the op computes the contraction as written, for every
+    pair (c, d); O across the 8- and 32-wide blocks of the kernel; T = 9 and T = 1 have their
+    own compiled paths, the other tap counts the generic one."""
+    gen = torch.Generator().manual_seed(seed)
+    T = 1 if linear else kh * kw
+    blocks = torch.randn(T, T, C, C, generator=gen)
+    w = torch.randn(O, C, generator=gen) if linear else torch.randn(O, C, kh, kw, generator=gen)
+    got = ops.output_grams(blocks, w)
+    assert got.shape == (C, C, O) and got.is_contiguous()
+    assert_grams_close(got, ops.output_grams_reference(blocks, w))
+
+
+def test_output_grams_are_the_contributions_grams():
+    """From the centred im2col Gram of a real input, grams[:, :, o] is the centred Gram of the
+    contributions z_c = conv(x[:, c], W[o, c]) (each o by its own grouped conv, in float64)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, 7, 9, generator=gen).relu_()
+    w = torch.randn(37, 6, 3, 3, generator=gen)
+    blocks = _moments._im2col_gram(x, w, (1, 1), (1, 1), (1, 1), centre=True)
+    got = ops.output_grams(blocks, w)
+    x64, w64 = x.double(), w.double()
+    for o in (0, 17, 36):
+        z = torch.nn.functional.conv2d(x64, w64[o][:, None], padding=1, groups=6)  # (N, C, H, W)
+        z = z.transpose(0, 1).reshape(6, -1)
+        z = z - z.mean(dim=1, keepdim=True)
+        assert_grams_close(got[:, :, o], z @ z.T)
+
+
+def test_output_grams_edges():
+    gen = torch.Generator().manual_seed(6)
+    blocks = torch.randn(9, 9, 5, 5, generator=gen)
+    w = torch.randn(11, 5, 3, 3, generator=gen)
+    ref = ops.output_grams_reference(blocks, w)
+    assert ops.output_grams(blocks[:, :, :0, :0], w[:, :0]).shape == (0, 0, 11)
+    assert ops.output_grams(blocks, w[:0]).shape == (5, 5, 0)
+    # non-contiguous inputs: the moments path's (C, C, T, T) storage seen as (T, T, C, C), a
+    # strided slice, a transposed weight
+    cd = blocks.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    assert_grams_close(ops.output_grams(cd, w), ref)
+    big = torch.randn(9, 9, 10, 10, generator=gen)
+    assert_grams_close(ops.output_grams(big[:, :, ::2, ::2], w),
+                       ops.output_grams_reference(big[:, :, ::2, ::2], w))
+    wt = w.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not wt.is_contiguous()
+    assert_grams_close(ops.output_grams(blocks, wt), ref)
+    # float64 / float16 inputs compute in float32
+    assert_grams_close(ops.output_grams(blocks.double(), w.double()), ref)
+    h = ops.output_grams(blocks.half(), w.half())
+    assert_grams_close(h, ops.output_grams_reference(blocks.half(), w.half()))
+    # NaN: a NaN weight of (o, c) reaches exactly the pairs of c at o
+    wn = w.clone()
+    wn[4, 2, 1, 1] = float("nan")
+    g = ops.output_grams(blocks, wn)
+    nan = torch.zeros(5, 5, 11, dtype=torch.bool)
+    nan[2, :, 4] = nan[:, 2, 4] = True
+    assert torch.equal(g.isnan(), nan)
+    errors = [((blocks[0], w), r"blocks must be \(T, T, C, C\)"),
+              ((blocks[:, :4], w), r"blocks must be \(T, T, C, C\)"),
+              ((blocks, w[:, :4]), "weight must have C = 5 input channels"),
+              ((blocks, w[:, :, :2]), r"input channels and kh \* kw = T = 9 taps"),
+              ((blocks, w[:, :, 0]), "weight must be a conv weight"),
+              ((blocks.int(), w), "blocks must be a floating-point tensor"),
+              ((blocks, w.int()), "weight must be a floating-point tensor")]
+    for args, match in errors:
+        with pytest.raises(RuntimeError, match="output_grams: .*" + match):
+            ops.output_grams(*args)
+    with pytest.raises(ValueError, match="output_grams: runs on the CPU only"):
+        ops.output_grams(blocks.to("meta"), w.to("meta"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(C=st.integers(1, 70), O=st.integers(1, 70), K=st.integers(1, 300),
+       seed=st.integers(0, 2**31 - 1))
+def test_gram_forms_sweep(C, O, K, seed):
+    """Random Grams, not symmetric: the op reads the upper triangle and takes the lower one as
+    its mirror (the reference does the same); masks of every density, all-keep and all-drop."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(C, C, O, generator=gen)
+    masks = torch.rand(K, C, generator=gen) < torch.rand(K, 1, generator=gen)
+    masks[0] = True
+    if K > 1:
+        masks[1] = False
+    got = ops.gram_forms(g, masks)
+    assert got.dtype == torch.float64 and got.shape == (K, O)
+    ref = ops.gram_forms_reference(g, masks)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    if K > 1:
+        assert bool((got[1] == 0).all())         # no kept channel: no pair
+
+
+def test_gram_forms_symmetric_is_the_quadratic_form_and_edges():
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(9, 9, 33, generator=gen)
+    g = a + a.transpose(0, 1)                             # symmetric: the form itself
+    masks = torch.rand(40, 9, generator=gen) < 0.5
+    m = masks.double()
+    full = torch.einsum("kc,cdo,kd->ko", m, g.double(), m)
+    torch.testing.assert_close(ops.gram_forms(g, masks), full, rtol=1e-5, atol=1e-5)
+    assert ops.gram_forms(g, masks[:0]).shape == (0, 33)
+    assert ops.gram_forms(g[:, :, :0], masks).shape == (40, 0)
+    assert bool((ops.gram_forms(g[:0, :0], masks[:, :0]) == 0).all())
+    # uint8 masks, non-contiguous grams and masks, float64 / float16 grams
+    torch.testing.assert_close(ops.gram_forms(g, masks.to(torch.uint8)), full, rtol=1e-5, atol=1e-5)
+    gp = g.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    torch.testing.assert_close(ops.gram_forms(gp, masks[:, :]), full, rtol=1e-5, atol=1e-5)
+    wide = torch.rand(40, 18, generator=gen) < 0.5
+    torch.testing.assert_close(ops.gram_forms(g, wide[:, ::2]),
+                               ops.gram_forms_reference(g, wide[:, ::2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.gram_forms(g.double(), masks), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.gram_forms(g.half(), masks),
+                               ops.gram_forms_reference(g.half(), masks), rtol=1e-4, atol=1e-3)
+    # NaN in the upper triangle reaches exactly the masks that keep both channels; the lower
+    # triangle is not read
+    gn = g.clone()
+    gn[2, 5, 7] = float("nan")
+    gn[6, 1, 3] = float("nan")
+    nan = ops.gram_forms(gn, masks).isnan()
+    want = torch.zeros(40, 33, dtype=torch.bool)
+    want[:, 7] = masks[:, 2] & masks[:, 5]
+    assert torch.equal(nan, want)
+    errors = [((g[0], masks), r"grams must be \(C, C, O\)"),
+              ((g[:, :4], masks), r"grams must be \(C, C, O\)"),
+              ((g, masks[:, :4]), r"masks must be \(K, C\) with C = 9"),
+              ((g, masks.float()), "masks must be bool"),
+              ((g, masks.to(torch.uint8) * 2), "uint8 masks must hold only 0 and 1"),
+              ((g.int(), masks), "grams must be a floating-point tensor")]
+    for args, match in errors:
+        with pytest.raises(RuntimeError, match="gram_forms: " + match):
+            ops.gram_forms(*args)
+    with pytest.raises(ValueError, match="gram_forms: runs on the CPU only"):
+        ops.gram_forms(g.to("meta"), masks.to("meta"))
+
+
+# ------------------------------------------------------------------------------------------
 # channel_gram / quadratic_damage
 # ------------------------------------------------------------------------------------------
 
@@ -807,6 +957,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.aofp.channel_gram.default, (x, w), dict(padding=[1, 1]))
     G = ops.channel_gram(x, w, padding=1)
     torch.library.opcheck(torch.ops.aofp.quadratic_damage.default, (G, masks))
+    blocks = _moments._im2col_gram(x, w, (1, 1), (1, 1), (1, 1), centre=True)
+    torch.library.opcheck(torch.ops.aofp.output_grams.default, (blocks, w))
+    torch.library.opcheck(torch.ops.aofp.gram_forms.default, (ops.output_grams(blocks, w), masks))
     torch.library.opcheck(
         torch.ops.aofp.compact_.default, ([torch.randn(5, 3), torch.randn(2, 5)], [0, 1],
                                           torch.tensor([1, 4])),

@@ -72,6 +72,30 @@ struct QuadraticDamageParams {
   float* damage = nullptr;         // out (K)
 };
 
+// The per-output-channel Grams of the contributions, from the im2col Gram's tap blocks:
+//   grams[c, d, o] = sum over taps (t, u) of W[o, c, t] * blocks[t, u, c, d] * W[o, d, u].
+// With blocks the (centred) Gram of the follower's im2col rows, grams[:, :, o] is the (centred)
+// Gram of the contributions z_c = conv(x[:, c], W[o, c]) to output channel o.
+constexpr int64_t kOutputGramsBlock = 32;   // output channels per block of wt
+struct OutputGramsParams {
+  const float* blocks = nullptr;   // contiguous (C, C, T, T): blocks[c, d, t, u]
+  const float* wt = nullptr;       // contiguous (ceil(O / B), C, T, B), B = kOutputGramsBlock:
+                                   // wt[o / B, c, t, o % B] = W[o, c, t], zero past O
+  int64_t T = 0, C = 0, O = 0;
+  float* grams = nullptr;          // out, contiguous (C, C, O)
+};
+
+// forms[k, o] = m_k^T grams[:, :, o] m_k with m_k the 0/1 vector masks[k] (nonzero = keep): the
+// sum of grams[c, d, o] over the pairs (c, d) of kept channels, float32 over d, float64 over c.
+// grams[:, :, o] is taken as symmetric: only its upper triangle (d >= c) is read.
+struct GramFormsParams {
+  const float* grams = nullptr;    // contiguous (C, C, O)
+  int64_t C = 0, O = 0;
+  const uint8_t* masks = nullptr;  // contiguous (K, C)
+  int64_t K = 0;
+  double* forms = nullptr;         // out, contiguous (K, O)
+};
+
 // In place: a buffer seen as (outer, size, inner) elements keeps the slices keep[0..n_keep) of
 // its middle dimension and becomes (outer, n_keep, inner), packed from the start of the buffer.
 // keep must be strictly increasing and < size (the glue checks).
@@ -99,6 +123,8 @@ void masked_relu_damage(const MaskedDamageParams& p, const MaskedAffine& m,
                         const ParallelFor& pfor);
 void channel_gram(const ChannelGramParams& p, const ParallelFor& pfor);
 void quadratic_damage(const QuadraticDamageParams& p, const ParallelFor& pfor);
+void output_grams(const OutputGramsParams& p, const ParallelFor& pfor);
+void gram_forms(const GramFormsParams& p, const ParallelFor& pfor);
 void compact(const CompactParams& p);
 }  // namespace cpu
 

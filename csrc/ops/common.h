@@ -255,5 +255,78 @@ inline QuadraticDamageInputs prepare_quadratic_damage(const at::Tensor& gram,
   return in;
 }
 
+// output_grams: checked inputs and the params struct, with the output allocated.
+struct OutputGramsInputs {
+  at::Tensor blocks, wt, out;
+  OutputGramsParams p;
+  bool empty = false;
+};
+
+inline OutputGramsInputs prepare_output_grams(const at::Tensor& blocks, const at::Tensor& weight) {
+  const char* op = "output_grams";
+  TORCH_CHECK(blocks.dim() == 4 && blocks.size(0) == blocks.size(1) &&
+                  blocks.size(2) == blocks.size(3),
+              op, ": blocks must be (T, T, C, C) tap blocks, got shape ", shape_str(blocks));
+  check_floating(op, blocks, "blocks");
+  check_floating(op, weight, "weight");
+  check_same_device(op, blocks, "blocks", weight, "weight");
+  const int64_t T = blocks.size(0), C = blocks.size(2);
+  TORCH_CHECK(weight.dim() == 4 || weight.dim() == 2, op,
+              ": weight must be a conv weight (O, C, kh, kw) or a Linear weight (O, C), got shape ",
+              shape_str(weight));
+  const int64_t taps = weight.dim() == 4 ? weight.size(2) * weight.size(3) : 1;
+  TORCH_CHECK(weight.size(1) == C && taps == T, op, ": weight must have C = ", C,
+              " input channels and kh * kw = T = ", T, " taps (blocks ", shape_str(blocks),
+              "), got shape ", shape_str(weight));
+  const int64_t O = weight.size(0);
+  OutputGramsInputs in;
+  in.blocks = blocks.to(at::kFloat).permute({2, 3, 0, 1}).contiguous();   // (C, C, T, T)
+  // the weight in blocks of B output channels, zero-padded: (ceil(O / B), C, T, B)
+  const int64_t B = kOutputGramsBlock, nb = (O + B - 1) / B;
+  in.wt = at::zeros({nb * B, C, T}, blocks.options().dtype(at::kFloat));
+  in.wt.narrow(0, 0, O).copy_(weight.reshape({O, C, T}));
+  in.wt = in.wt.view({nb, B, C, T}).permute({0, 2, 3, 1}).contiguous();
+  in.out = at::empty({C, C, O}, blocks.options().dtype(at::kFloat));   // every entry written
+  in.empty = C == 0 || O == 0;
+  if (!in.empty) {
+    in.p.blocks = in.blocks.data_ptr<float>();
+    in.p.wt = in.wt.data_ptr<float>();
+    in.p.T = T;
+    in.p.C = C;
+    in.p.O = O;
+    in.p.grams = in.out.data_ptr<float>();
+  }
+  return in;
+}
+
+// gram_forms: checked inputs and the params struct, with the output allocated (zeros).
+struct GramFormsInputs {
+  at::Tensor grams, masks, out;
+  GramFormsParams p;
+  bool empty = false;
+};
+
+inline GramFormsInputs prepare_gram_forms(const at::Tensor& grams, const at::Tensor& masks) {
+  const char* op = "gram_forms";
+  TORCH_CHECK(grams.dim() == 3 && grams.size(0) == grams.size(1), op,
+              ": grams must be (C, C, O), got shape ", shape_str(grams));
+  check_floating(op, grams, "grams");
+  const int64_t C = grams.size(0), O = grams.size(2);
+  GramFormsInputs in;
+  in.masks = prepare_masks(op, masks, C, grams, "grams");
+  in.grams = grams.to(at::kFloat).contiguous();
+  in.out = at::zeros({masks.size(0), O}, grams.options().dtype(at::kDouble));
+  in.empty = masks.size(0) == 0 || O == 0 || C == 0;
+  if (!in.empty) {
+    in.p.grams = in.grams.data_ptr<float>();
+    in.p.C = C;
+    in.p.O = O;
+    in.p.masks = in.masks.data_ptr<uint8_t>();
+    in.p.K = masks.size(0);
+    in.p.forms = in.out.data_ptr<double>();
+  }
+  return in;
+}
+
 }  // namespace glue
 }  // namespace aofp

@@ -1,0 +1,92 @@
+// output_grams on the CPU: grams[c, d, o] = sum_t W[o, c, t] * sum_u blocks[c, d, t, u] W[o, d, u].
+// Work items are (block of kOutputGramsBlock output channels, c); for each, every d: the (c, d)
+// T x T block (contiguous), then the bilinear form over the block's output channels (the vector
+// dimension, kV at a time), with the T partial sums over u held in registers (3x3 and 1x1
+// followers: T fixed at compile time). T^2 + T multiply-adds per (c, d, o), float32.
+#include <algorithm>
+
+#include "kernels/cpu_common.h"
+
+namespace aofp {
+namespace cpu {
+
+namespace {
+constexpr int64_t kOB = kOutputGramsBlock;
+constexpr int64_t kV = 8;    // output channels per register block (T + 1 AVX2 registers)
+static_assert(kOB % kV == 0, "the output block is a whole number of register blocks");
+
+// acc[0:kV] = the bilinear form for one (c, d) and kV output channels: s = the T x T block (row
+// t, column u); wc, wd: rows t / u of kOB floats (the weight block of c and of d).
+template <int TC>
+AOFP_INLINE void pair_block(const float* s, const float* wc, const float* wd, int64_t T_,
+                            float* acc) {
+  const int64_t T = TC > 0 ? TC : T_;
+  for (int64_t j = 0; j < kV; ++j) acc[j] = 0.f;
+  if (TC > 0) {
+    float tmp[TC > 0 ? TC : 1][kV] = {};
+    for (int64_t u = 0; u < T; ++u) {
+      const float* w = wd + u * kOB;
+#pragma GCC unroll 16
+      for (int64_t t = 0; t < T; ++t) {
+        const float v = s[t * T + u];
+#pragma omp simd
+        for (int64_t j = 0; j < kV; ++j) tmp[t][j] += v * w[j];
+      }
+    }
+#pragma GCC unroll 16
+    for (int64_t t = 0; t < T; ++t) {
+#pragma omp simd
+      for (int64_t j = 0; j < kV; ++j) acc[j] += wc[t * kOB + j] * tmp[t][j];
+    }
+    return;
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    float tmp[kV] = {};
+    for (int64_t u = 0; u < T; ++u) {
+      const float v = s[t * T + u];
+      const float* w = wd + u * kOB;
+#pragma omp simd
+      for (int64_t j = 0; j < kV; ++j) tmp[j] += v * w[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < kV; ++j) acc[j] += wc[t * kOB + j] * tmp[j];
+  }
+}
+
+// The (output block, c) items [i0, i1), i = ob * C + c.
+template <int TC>
+AOFP_HOT void grams_rows(const OutputGramsParams& p, int64_t i0, int64_t i1) {
+  const int64_t T = p.T, C = p.C, O = p.O, TT = T * T;
+  float acc[kV];
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t c = i % C, ob = i / C, o0 = ob * kOB;
+    const float* wblk = p.wt + ob * C * T * kOB;
+    const float* wc = wblk + c * T * kOB;
+    for (int64_t d = 0; d < C; ++d) {
+      const float* s = p.blocks + (c * C + d) * TT;
+      const float* wd = wblk + d * T * kOB;
+      float* out = p.grams + (c * C + d) * O;
+      for (int64_t o = 0; o < kOB && o0 + o < O; o += kV) {
+        pair_block<TC>(s, wc + o, wd + o, T, acc);
+        std::copy(acc, acc + std::min(kV, O - o0 - o), out + o0 + o);
+      }
+    }
+  }
+}
+}  // namespace
+
+void output_grams(const OutputGramsParams& p, const ParallelFor& pfor) {
+  if (p.C == 0 || p.O == 0) return;
+  pfor(0, ceil_div(p.O, kOB) * p.C, 1, [&](int64_t i0, int64_t i1) {
+    if (p.T == 9) {
+      grams_rows<9>(p, i0, i1);
+    } else if (p.T == 1) {
+      grams_rows<1>(p, i0, i1);
+    } else {
+      grams_rows<0>(p, i0, i1);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace aofp
