@@ -75,20 +75,52 @@ def _bits(K: int, C: int) -> int:
 #   Gram's coefficients are taken from the im2col one's); the per-output Grams held in
 #   float64 (O C^2 entries, memory-bound: several passes); the mask forms (K O C^2, or K C^2 for
 #   none/affine, multiply-adds in one float32 GEMM).
-_FUSED_S = dict(call=2.7e-3, contrib=7.0e-11, tables=1.2e-10, masks=7.2e-11, cols=2.0e-9)
-_MOMENTS_S = dict(call=1.5e-3, cols=1.3e-9, build=3.0e-11, grams=9.0e-9, forms=4.0e-11)
+# Refitted 2026-12-02 by bench/cost_model.py (1 thread, 13 follower shapes x K = 16..1024,
+# bench/results/cost-model.md): 49 of 50 choices right, 2 % mean extra time.
+_FUSED_S = dict(call=2.9e-3, contrib=8.4e-11, tables=9.8e-11, masks=2.0e-10, cols=4.5e-10)
+_MOMENTS_S = dict(call=0.0, cols=7.3e-9, build=2.4e-11, grams=8.6e-9, forms=4.0e-11,
+                  pairs=1.6e-11)
 
 
 def _threads(threads: int | None) -> int:
     return max(1, int(threads if threads is not None else torch.get_num_threads()))
 
 
+def fused_terms(C: int, O: int, T: int, P: int, K: int, threads: int | None = None
+                ) -> dict[str, float]:
+    """The fused tile pass's counted work, one entry per coefficient of ``_FUSED_S``: the
+    kernel's work and its input pass divided by ``threads`` (default: torch's setting; the
+    kernel splits its tiles over them)."""
+    b, n = _bits(K, C), _threads(threads)
+    return dict(call=1.0, contrib=O * P * C * T / n, tables=O * P * C * (1 << b) / b / n,
+                masks=O * P * C * K / b / n, cols=C * T * P / n)
+
+
 def fused_cost(C: int, O: int, T: int, P: int, K: int, threads: int | None = None) -> float:
-    """Predicted seconds of the fused tile pass: all but the per-call cost is divided by
-    ``threads`` (default: torch's setting; the kernel splits its tiles over them)."""
-    c, b = _FUSED_S, _bits(K, C)
-    work = O * P * C * (c["contrib"] * T + c["tables"] * (1 << b) / b + c["masks"] * K / b)
-    return c["call"] + (work + c["cols"] * C * T * P) / _threads(threads)
+    """Predicted seconds of the fused tile pass."""
+    return sum(_FUSED_S[k] * v for k, v in fused_terms(C, O, T, P, K, threads).items())
+
+
+def moments_terms(C: int, O: int, T: int, P: int, K: int, batch: bool,
+                  threads: int | None = None, lag: tuple[int, int, int] | None = None
+                  ) -> tuple[dict[str, float], float]:
+    """The moments path's counted work, one entry per coefficient of ``_MOMENTS_S``, and its
+    fixed seconds (the lag Gram's Python work per tap pair)."""
+    build, route, copied, fixed = _build_cost(C, O, T, P, per_output=batch, lag=lag)
+    n = _threads(threads)
+    # a 1x1 follower's batch forms read Sigma itself (one GEMM, no per-output Grams held,
+    # _per_output_forms); other batch followers hold the (C, C, O) Grams and sum each mask's
+    # pairs of them (gram_forms: |S|^2 / 2 adds per (mask, output), S the smaller set, counted
+    # as K O C^2); none/affine: one C x C form per mask
+    gemm_forms = batch and T == 1 and route == "sigma"
+    grams = O * C * C if batch else C * C
+    # the BLAS products and the kernels run on every thread; the copies of the input and the
+    # passes over the held Grams are memory-bound and taken as not speeding up with threads (at
+    # 2 threads on the 2-core CPU they did not; more is not measured)
+    return dict(call=1.0, cols=copied, build=build / n,
+                grams=C * C if gemm_forms else grams,
+                forms=K * grams / n if gemm_forms or not batch else 0.0,
+                pairs=0.0 if gemm_forms or not batch else K * grams / n), fixed
 
 
 def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
@@ -96,18 +128,8 @@ def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
     """Predicted seconds of the moments path (``batch``: norm="batch", per-output moments;
     ``lag``: :func:`lag_shape` of a stride-1 conv, whose im2col Gram may come from lagged
     products)."""
-    c = _MOMENTS_S
-    build, route, copied, fixed = _build_cost(C, O, T, P, per_output=batch, lag=lag)
-    # the forms cost K O C^2 (batch) or K C^2; a 1x1 follower's batch forms read Sigma itself,
-    # no per-output Grams are held (_per_output_forms)
-    grams = O * C * C if batch else C * C
-    held = C * C if batch and T == 1 and route == "sigma" else grams
-    # the BLAS products run on every thread; the copies of the input and the float64 passes
-    # over the per-output Grams are memory-bound and taken as not speeding up with threads (at
-    # 2 threads on the 2-core CPU they did not; more is not measured)
-    serial = c["cols"] * copied + c["grams"] * held
-    return (c["call"] + fixed + serial
-            + (c["build"] * build + c["forms"] * K * grams) / _threads(threads))
+    terms, fixed = moments_terms(C, O, T, P, K, batch, threads, lag)
+    return fixed + sum(_MOMENTS_S[k] * v for k, v in terms.items())
 
 
 def fused_batch_relu_cost(C: int, O: int, T: int, P: int, K: int,
@@ -135,10 +157,11 @@ def choose(C: int, O: int, T: int, P: int, K: int, batch: bool,
     return "fused"
 
 
-# Relative rates inside the build (units of a float32 BLAS GEMM multiply-add): float64 work and
-# the einsum that contracts the im2col Gram with the weights run at about a quarter of the GEMM
-# rate.
+# Relative rates inside the build (units of a float32 BLAS GEMM multiply-add): float64 work at
+# about a quarter of the GEMM rate; the contraction of the im2col Gram with the weights
+# (output_grams, T^2 + T multiply-adds per (c, d, o) in registers) at about half.
 _F64 = 4.0
+_CONTRACT = 2.0
 _PAIR_S = 1.5e-4    # seconds per tap pair of the lag Gram's Python work (strips, assembly)
 
 
@@ -175,9 +198,12 @@ def _build_cost(C: int, O: int, T: int, P: int, per_output: bool, lag=None
     or ``z`` (the contributions by a batched matmul, then their Grams). Returns (BLAS
     multiply-adds, route, floats copied, fixed seconds)."""
     gram, copied, fixed, _ = _gram_route(C, T, P, lag)
-    sigma = gram + ((_F64 if T > 1 else 1) * O * C * C * T * T if per_output
-                    else C * T * C * T * O)
-    z = 4 * O * C * P * T + (O * C * C * P if per_output else C * C * O * P)
+    if per_output:
+        sigma = gram + (_CONTRACT * O * C * C * T * (T + 1) if T > 1 else O * C * C)
+        z = _F64 * (4 * O * C * P * T + O * C * C * P)       # float64 contributions and Grams
+    else:
+        sigma = gram + C * T * C * T * O
+        z = 4 * O * C * P * T + C * C * O * P
     zs, ss = _MOMENTS_S["build"] * z, _MOMENTS_S["build"] * sigma + fixed
     if ss <= zs + _MOMENTS_S["cols"] * (C * T * P - copied):
         return sigma, "sigma", copied, fixed
