@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 _BLOCK = 1 << 22          # floats per temporary block (16 MiB in float32)
+_OP_OUTPUTS = 32          # output channels per block of the output_grams op (kOutputGramsBlock)
 #: Stride-1 convs: the im2col Gram from lagged products (:func:`_lag_gram`), not the im2col matrix
 LAG_GRAM = True
 
@@ -547,6 +548,9 @@ def per_output_grams(x, weight, stride, padding, dilation) -> Iterator[tuple[int
         if x.device.type == "cpu":
             # the extension's op reads blocks[:, :, c, d] contiguous: one copy for all blocks
             blocks = blocks.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+            # the op streams every block once per 32 output channels it is given: whole
+            # multiples of 32 per call (C = 512: 32 instead of 16, half the block traffic)
+            ob = -(-ob // _OP_OUTPUTS) * _OP_OUTPUTS
             for o0 in range(0, O, ob):
                 o1 = min(O, o0 + ob)
                 yield o0, o1, torch.ops.aofp.output_grams(blocks, weight[o0:o1])
