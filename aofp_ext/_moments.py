@@ -339,6 +339,25 @@ def _lag_plan(H: int, W: int, kh: int, kw: int, ph: int, pw: int, dh: int, dw: i
         rects([both(u, -dr, -ds) for (_, u), (dr, ds) in zip(pairs, lag_of)]))
 
 
+@functools.lru_cache(maxsize=256)
+def _strip_positions(H: int, W: int, kh: int, kw: int, ph: int, pw: int, dh: int, dw: int,
+                     n: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The flat-buffer columns of :func:`_lag_gram`'s strips for ``n`` samples: ``ia`` (the
+    positions ``q`` of every strip, strip after strip), ``ib`` (``q + D``) and each strip's end
+    in them."""
+    pl = _lag_plan(H, W, kh, kw, ph, pw, dh, dw)
+    first = torch.arange(n)[:, None, None] * pl.S + pl.G          # each sample's row 0
+    ia, ib, ends = [], [], []
+    for r0, r1, c0, c1, dr, ds in pl.strips:
+        q = (first + torch.arange(r0, r1)[:, None] * pl.wq + torch.arange(c0, c1)).reshape(-1)
+        ia.append(q)
+        ib.append(q + (dr * pl.wq + ds))
+        ends.append((ends[-1] if ends else 0) + q.numel())
+    if not ia:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), ()
+    return torch.cat(ia), torch.cat(ib), tuple(ends)
+
+
 _SCRATCH = threading.local()
 
 
@@ -406,10 +425,13 @@ def _lag_gram(x, weight, padding, dilation, centre: bool, dtype=torch.float64) -
         a0 = shifted(0, 0)
         for i, d in enumerate(pl.lags):
             torch.mm(a0, shifted(*d).t(), out=lam[i])
-        for i, (r0, r1, c0, c1, dr, ds) in enumerate(pl.strips):
-            a = body[:, :, r0:r1, c0:c1].reshape(C, -1)
-            b = shifted(dr, ds).view(C, n, H + mh, wq)[:, :, r0:r1, c0:c1].reshape(C, -1)
-            torch.mm(a, b.t(), out=strip_prods[i])
+        # every strip's positions and their D-neighbours in two gathers (one strided copy
+        # per strip side cost twice as much), then one product per strip on column slices
+        ia, ib, ends = _strip_positions(H, W, kh, kw, *padding, *dilation, n)
+        if pl.strips:
+            a_all, b_all = F_.index_select(1, ia.to(dev)), F_.index_select(1, ib.to(dev))
+            for i, (s0, s1) in enumerate(zip((0,) + ends[:-1], ends)):
+                torch.mm(a_all[:, s0:s1], b_all[:, s0:s1].t(), out=strip_prods[i])
         vb = lam[pl.lag_index.to(dev)]                                 # (pairs, C, C)
         vb.index_add_(0, strip_pair, strip_prods[strip_of], alpha=-1)
         V = vb.double() if V is None else V.add_(vb)

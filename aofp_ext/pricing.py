@@ -49,15 +49,17 @@ def is_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 def channel_variance(y: torch.Tensor) -> torch.Tensor:
     """``(C,)`` float64 biased variance of ``y`` ``(N, C, ...)`` over every dim but 1 (BN's batch
-    statistics): the mean first, then the squared deviations, both by contiguous per-sample
-    reductions accumulated in float64 (several times faster than a float64 ``var`` over the
-    strided dims, within ~1e-9 of it)."""
+    statistics), from the sums of ``y`` and ``y^2`` per channel: two contiguous per-sample
+    reductions accumulated in float64, no temporary (several times faster than a float64
+    ``var`` over the strided dims; 1.2-3x faster than centring first). The float64 sums make
+    the subtraction ``E[y^2] - E[y]^2`` lose about ``1e-16 E[y]^2 / var`` relative, far below
+    float32 data's own resolution (``1e-7 |E[y]|``, squared: ``1e-14 E[y]^2``)."""
     n, c = y.shape[:2]
     v = y.reshape(n, c, -1)
     positions = v.shape[0] * v.shape[2]
-    mean = (v.sum(dim=2, dtype=torch.float64).sum(dim=0) / positions).to(v.dtype)
-    dev = torch.linalg.vector_norm(v - mean.view(1, c, 1), dim=2, dtype=torch.float64)  # (N, C)
-    return dev.square().sum(dim=0) / positions
+    mean = v.sum(dim=2, dtype=torch.float64).sum(dim=0) / positions
+    sq = torch.linalg.vector_norm(v, dim=2, dtype=torch.float64).square().sum(dim=0)
+    return (sq / positions - mean.square()).clamp_min_(0)
 
 
 @dataclass(eq=False)

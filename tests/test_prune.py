@@ -219,6 +219,25 @@ def _plain_output_norm2(self, y: torch.Tensor) -> torch.Tensor:
     return y.pow(2).sum()
 
 
+@pytest.mark.parametrize("shape", [(64, 16, 32, 32), (3, 5, 7, 1), (1, 4, 1, 1), (9, 7),
+                                   (2, 3, 4, 5, 6)])
+@pytest.mark.parametrize("offset", [0.0, 3.0, 1e3])
+def test_channel_variance_is_bn_batch_variance(shape, offset) -> None:
+    """The per-channel sums of y and y^2 (float64) against the float64 variance over every dim
+    but 1, data far from zero included (a mean 1e3 times the spread), on a non-contiguous
+    input."""
+    g = torch.Generator().manual_seed(hash((shape, offset)) % 2**31)
+    y = (torch.randn(shape[::-1], generator=g) + offset).permute(*range(len(shape) - 1, -1, -1))
+    dims = [d for d in range(y.dim()) if d != 1]
+    want = y.double().var(dim=dims, unbiased=False)
+    got = pricing.channel_variance(y)
+    assert got.dtype == torch.float64 and got.shape == (shape[1],)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-12 * (1 + offset ** 2)), (got, want)
+    const = torch.full(shape, offset)       # a constant channel: exactly 0, never negative
+    assert (pricing.channel_variance(const) >= 0).all()
+    assert pricing.channel_variance(const).max() <= 1e-12 * (1 + offset ** 2)
+
+
 def test_decisions_do_not_depend_on_the_pricing_path(monkeypatch) -> None:
     """The same seed gives the same decisions whether the step prices on the fast paths (every
     post-none follower on the moments path, ``||Y_base||^2`` by the closed form, one copy to the
