@@ -286,7 +286,7 @@ def resnet_part(cfg: Config, work: Path, reuse_k64: str | None = None) -> dict:
         rows = json.loads(Path(reuse_k64).read_text())[:1]
         print(f"[resnet] K = {cfg.resnet_masks} row reused from {reuse_k64}", flush=True)
     else:
-        rows.append(run_prune(f"ResNet-56, K = {cfg.resnet_masks} (fused)", fresh(), loader(),
+        rows.append(run_prune(f"ResNet-56, K = {cfg.resnet_masks} (extension ops)", fresh(), loader(),
                               test_loader, len(test), masks_per_step=cfg.resnet_masks,
                               max_steps=cfg.resnet_max_steps, **common))
         _dump(work / "prune-results-resnet-k64.json", rows)

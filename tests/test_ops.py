@@ -651,6 +651,11 @@ def test_gram_forms_symmetric_is_the_quadratic_form_and_edges():
     torch.testing.assert_close(ops.gram_forms(g.double(), masks), full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ops.gram_forms(g.half(), masks),
                                ops.gram_forms_reference(g.half(), masks), rtol=1e-4, atol=1e-3)
+    # more masks than one work item takes (1,024), outputs past a whole tile, wide channels
+    big = torch.randn(70, 70, 45, generator=gen)
+    many = torch.rand(1100, 70, generator=gen) < torch.rand(1100, 1, generator=gen)
+    torch.testing.assert_close(ops.gram_forms(big, many), ops.gram_forms_reference(big, many),
+                               rtol=1e-5, atol=1e-4)
     # NaN in the upper triangle reaches exactly the masks that keep both channels; the lower
     # triangle is not read
     gn = g.clone()
