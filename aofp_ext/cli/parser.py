@@ -127,7 +127,10 @@ def _prune_command(sub: Any) -> None:
                     help="attempts per layer per step (default 64; the authors: 1)")
     pr.add_argument("--finetune-epochs", type=int, default=0)
     pr.add_argument("--finetune-lr", type=float, default=0.01)
-    pr.add_argument("--thresh", type=float, default=0.01, help="default 0.01 (LeNet: 0.05)")
+    pr.add_argument("--thresh", type=float, default=0.05,
+                    help="a half is pruned when its largest average damage is below this "
+                         "(default 0.05; the authors: 0.01 for ResNet/VGG, slower to reach "
+                         "the target: docs/prune.md)")
     pr.add_argument("--iters-per-half", type=_positive, default=None,
                     help="default ceil(1000 / masks-per-step)")
     pr.add_argument("--warmup-iters", type=int, default=None,

@@ -66,7 +66,7 @@ def prune(
     target_flops: float = 0.5,
     method: str = "aofp",
     masks_per_step: int = 64,
-    thresh: float = 0.01,
+    thresh: float = 0.05,
     iters_per_half: int | None = None,
     warmup_iters: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -104,7 +104,9 @@ def prune(
             channels on ``calibration_batches`` batches of ``train_loader`` (eval mode, no
             training) and the shared global ranking removes the lowest until ``target_flops``.
         masks_per_step: attempts per target layer per step (the authors: 1).
-        thresh: a half is pruned when its largest average damage is below this.
+        thresh: a half is pruned when its largest average damage is below this. Default 0.05:
+            the authors used 0.01 for ResNet/VGG, which on the shipped ResNet-56 still stood at
+            69 % of the MACs after 2,000 steps, where 0.05 reaches 50 % in 310 (docs/prune.md).
         iters_per_half: steps per half; default ``ceil(1000 / masks_per_step)`` (each filter gets
             about as many attempts per half as with the authors' 1000 steps of one attempt).
         warmup_iters: steps before the first layer starts; default ``ceil(500 / masks_per_step)``.
