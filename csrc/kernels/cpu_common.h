@@ -22,6 +22,16 @@ namespace cpu {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// 16 floats as one GCC vector: one AVX-512 register, two AVX2 ones, four SSE ones (whichever
+// the function it is inlined into is compiled for).
+typedef float v16f __attribute__((vector_size(64)));
+
+AOFP_INLINE v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 // The output positions [q0, q0 + n) of the follower, flattened over (n, ho, wo), as im2col rows:
 // cols[(c * KH*KW + kk) * ld + j] = x[n, c, ih, iw] (0 outside the input), for c in [c0, c1).
 // Positions are kept as runs along wo (same n and ho), so each run of a row is one strided

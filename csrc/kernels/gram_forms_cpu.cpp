@@ -37,15 +37,7 @@ SetLists set_lists(const GramFormsParams& p) {
   return l;
 }
 
-typedef float v16f __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two
-                                                      // AVX2 ones, four SSE ones
-constexpr int kNV = int(kOT / 16);
-
-AOFP_INLINE v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+constexpr int kNV = int(kOT / 16);   // 16-float vectors (cpu_common.h) per tile
 
 // acc[0:kOT] = sum over d in list of rows[d * kOT + 0:kOT] (a packed row block, zero past the
 // tile's outputs), in 2 kNV registers: two rows per iteration into two sets of sums (one set is

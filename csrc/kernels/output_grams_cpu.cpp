@@ -54,18 +54,9 @@ AOFP_INLINE void pair_block(const float* s, const float* wc, const float* wd, in
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(AOFP_NO_CLONES)
-#define AOFP_WIDE 1
-typedef float v16f __attribute__((vector_size(64)));   // one AVX-512 register
-
-AOFP_INLINE v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// pair_block for 16 output channels in one register each: every broadcast entry of the block
-// feeds 16 lanes instead of 8 (with 8, the broadcasts, one per multiply-add, bound the loop).
+// pair_block for 16 output channels in one vector: every broadcast entry of the block feeds 16
+// lanes instead of 8 (with 8, the broadcasts, one per multiply-add, bound the loop). Worth it
+// where the vector is one AVX-512 register (grams_rows16).
 template <int TC>
 AOFP_INLINE v16f pair_block16(const float* s, const float* wc, const float* wd) {
   v16f tmp[TC] = {};
@@ -80,38 +71,13 @@ AOFP_INLINE v16f pair_block16(const float* s, const float* wc, const float* wd) 
   return acc;
 }
 
-// grams_rows for T = TC on AVX-512 (the caller checks the CPU): 16 output channels at a time.
-template <int TC>
-__attribute__((target("arch=x86-64-v4"))) void grams_rows16(const OutputGramsParams& p,
-                                                           int64_t i0, int64_t i1) {
-  const int64_t C = p.C, O = p.O, TT = TC * TC;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t c = i % C, ob = i / C, o0 = ob * kOB;
-    const float* wblk = p.wt + ob * C * TC * kOB;
-    const float* wc = wblk + c * TC * kOB;
-    for (int64_t d = 0; d < C; ++d) {
-      const float* s = p.blocks + (c * C + d) * TT;
-      const float* wd = wblk + d * TC * kOB;
-      float* out = p.grams + (c * C + d) * O;
-      for (int64_t o = 0; o < kOB && o0 + o < O; o += 16) {
-        const v16f acc = pair_block16<TC>(s, wc + o, wd + o);
-        const int64_t n = std::min<int64_t>(16, O - o0 - o);
-        if (n == 16) {
-          std::memcpy(out + o0 + o, &acc, sizeof(acc));
-        } else {
-          for (int64_t j = 0; j < n; ++j) out[o0 + o + j] = acc[j];
-        }
-      }
-    }
-  }
-}
-#endif
-
-// The (output block, c) items [i0, i1), i = ob * C + c.
-template <int TC>
-AOFP_HOT void grams_rows(const OutputGramsParams& p, int64_t i0, int64_t i1) {
-  const int64_t T = p.T, C = p.C, O = p.O, TT = T * T;
-  float acc[kV];
+// The (output block, c) items [i0, i1), i = ob * C + c, W output channels per pair block
+// (kV: pair_block; 16: pair_block16, TC > 0 only).
+template <int TC, int W>
+AOFP_INLINE void rows_loop(const OutputGramsParams& p, int64_t i0, int64_t i1) {
+  static_assert(kOB % W == 0, "the output block is a whole number of pair blocks");
+  const int64_t T = TC > 0 ? TC : p.T, C = p.C, O = p.O, TT = T * T;
+  float acc[W];
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t c = i % C, ob = i / C, o0 = ob * kOB;
     const float* wblk = p.wt + ob * C * T * kOB;
@@ -120,37 +86,54 @@ AOFP_HOT void grams_rows(const OutputGramsParams& p, int64_t i0, int64_t i1) {
       const float* s = p.blocks + (c * C + d) * TT;
       const float* wd = wblk + d * T * kOB;
       float* out = p.grams + (c * C + d) * O;
-      for (int64_t o = 0; o < kOB && o0 + o < O; o += kV) {
-        pair_block<TC>(s, wc + o, wd + o, T, acc);
-        std::copy(acc, acc + std::min(kV, O - o0 - o), out + o0 + o);
+      for (int64_t o = 0; o < kOB && o0 + o < O; o += W) {
+        if constexpr (W == 16) {
+          const v16f v = pair_block16<TC>(s, wc + o, wd + o);
+          std::memcpy(acc, &v, sizeof(v));
+        } else {
+          pair_block<TC>(s, wc + o, wd + o, T, acc);
+        }
+        std::copy(acc, acc + std::min<int64_t>(W, O - o0 - o), out + o0 + o);
       }
     }
   }
 }
+
+template <int TC>
+AOFP_HOT void grams_rows(const OutputGramsParams& p, int64_t i0, int64_t i1) {
+  rows_loop<TC, kV>(p, i0, i1);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(AOFP_NO_CLONES)
+// 16 output channels per AVX-512 register (the caller checks the CPU).
+template <int TC>
+__attribute__((target("arch=x86-64-v4"))) void grams_rows16(const OutputGramsParams& p,
+                                                           int64_t i0, int64_t i1) {
+  rows_loop<TC, 16>(p, i0, i1);
+}
+
+bool wide_cpu() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+}
+#else
+template <int TC>
+void grams_rows16(const OutputGramsParams& p, int64_t i0, int64_t i1) {
+  grams_rows<TC>(p, i0, i1);
+}
+
+bool wide_cpu() { return false; }
+#endif
 }  // namespace
 
 void output_grams(const OutputGramsParams& p, const ParallelFor& pfor) {
   if (p.C == 0 || p.O == 0) return;
-#ifdef AOFP_WIDE
-  static_assert(kOB % 16 == 0, "the output block is a whole number of 16-float registers");
-  if ((p.T == 9 || p.T == 1) && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq")) {
-    pfor(0, ceil_div(p.O, kOB) * p.C, 1, [&](int64_t i0, int64_t i1) {
-      if (p.T == 9) {
-        grams_rows16<9>(p, i0, i1);
-      } else {
-        grams_rows16<1>(p, i0, i1);
-      }
-    });
-    return;
-  }
-#endif
+  const bool wide = (p.T == 9 || p.T == 1) && wide_cpu();
   pfor(0, ceil_div(p.O, kOB) * p.C, 1, [&](int64_t i0, int64_t i1) {
     if (p.T == 9) {
-      grams_rows<9>(p, i0, i1);
+      wide ? grams_rows16<9>(p, i0, i1) : grams_rows<9>(p, i0, i1);
     } else if (p.T == 1) {
-      grams_rows<1>(p, i0, i1);
+      wide ? grams_rows16<1>(p, i0, i1) : grams_rows<1>(p, i0, i1);
     } else {
       grams_rows<0>(p, i0, i1);
     }
