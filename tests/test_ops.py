@@ -54,6 +54,47 @@ def test_masked_damage_shapes(shape, norm, post):
                             ops.masked_damage_reference(x, w, masks, **args))
 
 
+def _search_masks(gen, K, C, dead, kept):
+    """Masks as the search draws them: channels `dead` removed by every mask, `kept` by none,
+    the rest varying; row 0 removes only the dead ones, row 1 every channel but the kept."""
+    masks = torch.rand(K, C, generator=gen) < 0.5
+    masks[:, dead] = False
+    masks[:, kept] = True
+    masks[0] = True
+    masks[0, dead] = False
+    if K > 1:
+        masks[1] = False
+        masks[1, kept] = True
+    return masks
+
+
+@pytest.mark.parametrize("K", [1, 5, 131])
+def test_relu_pass_channel_roles_blocks_and_chunks(K):
+    """The ReLU pass folds the channels every mask removes into the output, leaves out those
+    none removes, sums the masks in blocks of 128 and quads (K = 131: a second block and a
+    partial quad), and runs over position chunks of whole 32-position tiles (here 3 chunks,
+    the last with a partial tile)."""
+    gen = torch.Generator().manual_seed(K)
+    C, O = 70, 9                           # 70 * 9 im2col rows: chunks of 192 positions
+    x = torch.randn(3, C, 13, 11, generator=gen).relu_()   # P = 429
+    w = torch.randn(O, C, 3, 3, generator=gen) / (9 * C) ** 0.5
+    masks = _search_masks(gen, K, C, dead=[3, 4, 40, 69], kept=list(range(10, 30)))
+    kw = dict(bias=torch.randn(O, generator=gen), padding=1, scale=torch.rand(O, generator=gen)
+              + 0.5, shift=torch.randn(O, generator=gen) * 0.2)
+    for norm in ("none", "affine", "batch"):
+        args = dict(kw, norm=norm, post="relu")
+        if norm == "none":
+            args.pop("scale"), args.pop("shift")
+        ref = ops.masked_damage_reference(x, w, masks, **args)
+        assert_damage_close(ops.masked_damage(x, w, masks, method="fused", **args), ref)
+        if norm == "batch":
+            assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args), ref)
+    aff = _relu_affine(gen, K, O)
+    args = dict(bias=kw["bias"], padding=1)
+    assert_damage_close(ops.masked_relu_damage(x, w, masks, *aff, **args),
+                        ops.masked_relu_damage_reference(x, w, masks, *aff, **args))
+
+
 @pytest.mark.parametrize("norm,post", NORM_POST)
 def test_masked_damage_linear_follower(norm, post):
     gen = torch.Generator().manual_seed(7)

@@ -32,6 +32,23 @@ AOFP_INLINE v16f load16(const float* p) {
   return v;
 }
 
+// A float buffer whose data starts on a 64-byte boundary (a cache line; every 16-float vector
+// at a multiple of 16 floats from it is one line, not two). Zero-filled.
+class AlignedFloats {
+ public:
+  AlignedFloats() = default;
+  explicit AlignedFloats(size_t n) : buf_(n + 16, 0.f) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(buf_.data());
+    ptr_ = buf_.data() + ((64 - a % 64) % 64) / sizeof(float);
+  }
+  float* data() { return ptr_; }
+  const float* data() const { return ptr_; }
+
+ private:
+  std::vector<float> buf_;
+  float* ptr_ = nullptr;
+};
+
 // The output positions [q0, q0 + n) of the follower, flattened over (n, ho, wo), as im2col rows:
 // cols[(c * KH*KW + kk) * ld + j] = x[n, c, ih, iw] (0 outside the input), for c in [c0, c1).
 // Positions are kept as runs along wo (same n and ho), so each run of a row is one strided

@@ -8,7 +8,8 @@
 // tabulated once per tile ("method of the four Russians"); d_k is then the sum of
 // ceil(C / b) table rows instead of C multiply-adds. The nonlinearity and the squared
 // difference are applied to each row of d_k in registers and reduced at once, so no masked
-// output is ever stored: memory is bounded by the tile, for any K and N.
+// output is ever stored: memory is bounded by the tile, for any K and N. post = "relu" runs the
+// ReLU pass of relu_pass_cpu.cpp instead (the same algebra, blocked for the L1 cache).
 //
 // Accumulation: rows of at most `kMaxRow` positions are summed in float32, and those partial
 // sums in float64 per (mask, output channel); the per-mask damage sums those in float64.
@@ -17,12 +18,13 @@
 // M2(d), C(u, d), M2(u - d) with u = y - mean(y). Centred moments do not depend on where u is
 // centred, so one pass gathers them from u = y together with the mean and M2 of y itself (row
 // means first, rows merged with Chan's formula, so no sum of squares loses precision to a large
-// mean), and for post = "none" the damage follows in closed form; for post = "relu" a second
+// mean), and for post = "none" the damage follows in closed form; for post = "relu" the ReLU
 // pass applies each mask's own normalisation and clips.
 #include <cmath>
 #include <limits>
 
 #include "kernels/cpu_common.h"
+#include "kernels/relu_pass.h"
 
 namespace aofp {
 namespace cpu {
@@ -34,7 +36,7 @@ constexpr int64_t kColsBudget = int64_t(1) << 20;   // floats of im2col per chun
 constexpr int64_t kMinRow = 16;
 constexpr int64_t kMaxRow = 1024;
 
-enum class Pass { Linear, Relu, BnStats };
+enum class Pass { Linear, BnStats };
 
 struct Plan {
   int bits = 1;          // channels per subset table
@@ -129,8 +131,6 @@ AOFP_INLINE void sum_rows(float* __restrict d, const float* const* rows, int64_t
   }
 }
 
-AOFP_INLINE float relu_f(float v) { return v < 0.f ? 0.f : v; }  // propagates NaN
-
 // Centred second moments of one row: with e = d - mean(d), f = u - mean_u,
 // out = {sum e^2, sum f e, sum (f - e)^2}. Row means first, so nothing cancels.
 // Fused row sum + epilogue for R table rows (R known at compile time, so the row loop
@@ -149,20 +149,6 @@ AOFP_INLINE float relu_f(float v) { return v < 0.f ? 0.f : v; }  // propagates N
   (((r0[j] + (R > 1 ? r1[j] : 0.f)) + ((R > 2 ? r2[j] : 0.f) + (R > 3 ? r3[j] : 0.f))) + \
    (((R > 4 ? r4[j] : 0.f) + (R > 5 ? r5[j] : 0.f)) +                      \
     ((R > 6 ? r6[j] : 0.f) + (R > 7 ? r7[j] : 0.f))))
-
-template <int R>
-AOFP_INLINE float relu_rows(const float* const* rows, const float* __restrict w,
-                            const float* __restrict base, float A, float B, int64_t n) {
-  AOFP_LOAD_ROWS
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) {
-    const float d = AOFP_ROW_SUM(j);
-    const float r = relu_f(A * (w[j] - d) + B) - base[j];
-    s += r * r;
-  }
-  return s;
-}
 
 template <int R>
 AOFP_INLINE float sq_rows(const float* const* rows, int64_t n) {
@@ -233,12 +219,7 @@ struct PassCtx {
   const int64_t* koff;
   const int32_t* kent;
   // per-channel constants
-  const double* mean_y;   // Relu pass: the centre of y per o, or nullptr (none)
-  const float* A;         // Relu pass: per (k, o) slope (K x O) or nullptr (then per-o `slope`)
-  const float* B;         // Relu pass: per (k, o) offset or nullptr (then per-o `offset`)
   const float* slope;     // per o
-  const float* offset;    // per o
-  const float* base_a;    // BN relu: base slope per o (a = scale / sqrt(var + eps))
   // outputs
   double* acc;            // (K x O) damage sums, or (K x O x 4) BN moments
   double* ystat;          // BnStats: per o {mean, M2} of y over the positions seen so far
@@ -255,7 +236,7 @@ AOFP_INLINE void merge_moments(double* mean, double* m2, double na, double nb, d
 
 // Per-task scratch buffers.
 struct Scratch {
-  std::vector<float> z, tab, y, w, base, d, rowstat;
+  std::vector<float> z, tab, y, w, d, rowstat;
   std::vector<const float*> rows;
 };
 
@@ -320,28 +301,14 @@ AOFP_HOT void run_tile(const PassCtx& cx, int64_t o0, int64_t no, int64_t j0, in
   const int64_t ldz = pl.P_t;
   compute_z(cx, o0, no, j0, n, sc.z.data(), ldz);
 
-  // Per-row inputs of the epilogue: w (y or centred y) and the unmasked output `base`.
-  if (cx.pass != Pass::Linear) {
+  // The BN statistics pass reads the unmasked output y.
+  if (cx.pass == Pass::BnStats) {
     compute_y(cx, o0, no, n, sc.z.data(), ldz, sc.y.data());
     for (int64_t ol = 0; ol < no; ++ol) {
-      const int64_t o = o0 + ol;
       float* __restrict wr = sc.w.data() + ol * ldz;
       const float* __restrict yr = sc.y.data() + ol * ldz;
-      if (cx.mean_y) {
-        const float m = float(cx.mean_y[o]);
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) wr[j] = yr[j] - m;
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) wr[j] = yr[j];
-      }
-      if (cx.pass == Pass::Relu) {
-        const float a = cx.base_a ? cx.base_a[o] : cx.slope[o];
-        const float b = cx.offset[o];
-        float* __restrict br = sc.base.data() + ol * ldz;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) br[j] = relu_f(a * wr[j] + b);
-      }
+      for (int64_t j = 0; j < n; ++j) wr[j] = yr[j];
     }
   }
 
@@ -382,19 +349,6 @@ AOFP_HOT void run_tile(const PassCtx& cx, int64_t o0, int64_t no, int64_t j0, in
           AOFP_ROWS_SWITCH(nr, AOFP_SQ)
 #undef AOFP_SQ
           acc[0] += double(a) * double(a) * double(s);
-          break;
-        }
-        case Pass::Relu: {
-          const float A = cx.A ? cx.A[k * O + o] : cx.slope[o];
-          const float B = cx.B ? cx.B[k * O + o] : cx.offset[o];
-          const float* wr = sc.w.data() + ol * ldz;
-          const float* br = sc.base.data() + ol * ldz;
-          const int64_t nr = fold_rows(d, rows, ne, n);
-          float s = 0.f;
-#define AOFP_RELU(R) s = relu_rows<R>(rows, wr, br, A, B, n)
-          AOFP_ROWS_SWITCH(nr, AOFP_RELU)
-#undef AOFP_RELU
-          acc[0] += double(s);
           break;
         }
         case Pass::BnStats: {
@@ -448,7 +402,6 @@ void run_pass(PassCtx cx, const ParallelFor& pfor) {
       sc.z.assign(size_t(g.C) * tile, 0.f);
       sc.y.assign(tile, 0.f);
       sc.w.assign(tile, 0.f);
-      sc.base.assign(tile, 0.f);
       sc.d.assign(size_t(pl.P_t), 0.f);
       sc.tab.assign(size_t(pl.ngroups * pl.entries) * tile, 0.f);
       sc.rowstat.assign(size_t(2 * pl.O_t), 0.f);
@@ -538,14 +491,21 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
 
   PassCtx cx = make_ctx(p, pl, mi);
   cx.slope = slope;
-  cx.offset = offset;
 
   std::vector<double> acc;
   if (p.norm != Norm::Batch) {
     acc.assign(size_t(K * O), 0.0);
     cx.acc = acc.data();
-    cx.pass = p.post == Post::Relu ? Pass::Relu : Pass::Linear;
-    run_pass(cx, pfor);
+    if (p.post == Post::Relu) {
+      ReluPassArgs ra;
+      ra.base_scale = slope;
+      ra.base_shift = offset;
+      ra.acc = acc.data();
+      relu_pass(p, ra, pfor);
+    } else {
+      cx.pass = Pass::Linear;
+      run_pass(cx, pfor);
+    }
   } else {
     // One pass: per (k, o) centred moments of d and of u - d, and per o the mean and M2 of y.
     std::vector<double> ystat(static_cast<size_t>(2 * O), 0.0);
@@ -610,13 +570,14 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
     }
     if (p.post == Post::Relu) {
       // Pass 2: v = a_k (u - d) + (a_k mean d + shift), clipped, against relu(a u + shift).
-      cx.pass = Pass::Relu;
-      cx.mean_y = mean_y.data();
-      cx.acc = acc.data();
-      cx.A = A.data();
-      cx.B = B.data();
-      cx.base_a = base_a.data();
-      run_pass(cx, pfor);
+      ReluPassArgs ra;
+      ra.centre = mean_y.data();
+      ra.base_scale = base_a.data();
+      ra.base_shift = p.shift;
+      ra.mask_scale = A.data();
+      ra.mask_shift = B.data();
+      ra.acc = acc.data();
+      relu_pass(p, ra, pfor);
     }
   }
   sum_damage(p, acc);
@@ -625,20 +586,17 @@ void masked_damage(const MaskedDamageParams& p, const ParallelFor& pfor) {
 void masked_relu_damage(const MaskedDamageParams& p, const MaskedAffine& m,
                         const ParallelFor& pfor) {
   if (nothing_to_price(p)) return;
-  const Plan pl = make_plan(p.g, p.K);
-  const MaskIndex mi = index_masks(p, pl);
   std::vector<double> acc(size_t(p.K * p.g.O), 0.0);
-  // One Relu pass: w = y - centre, base = relu(scale w + shift), each mask's
+  // One ReLU pass: w = y - centre, base = relu(scale w + shift), each mask's
   // relu(mask_scale (w - d) + mask_shift) against it.
-  PassCtx cx = make_ctx(p, pl, mi);
-  cx.pass = Pass::Relu;
-  cx.mean_y = m.centre;
-  cx.A = m.scale;
-  cx.B = m.shift;
-  cx.slope = p.scale;     // the base's slope (A is given per mask)
-  cx.offset = p.shift;
-  cx.acc = acc.data();
-  run_pass(cx, pfor);
+  ReluPassArgs ra;
+  ra.centre = m.centre;
+  ra.base_scale = p.scale;
+  ra.base_shift = p.shift;
+  ra.mask_scale = m.scale;
+  ra.mask_shift = m.shift;
+  ra.acc = acc.data();
+  relu_pass(p, ra, pfor);
   sum_damage(p, acc);
 }
 

@@ -1,0 +1,347 @@
+// The ReLU pass of masked_damage on the CPU: for every mask k and output channel o,
+//   acc[k, o] += sum over positions of (relu(A_ko (w' - d_k) + B_ko) - relu(a_o w + b_o))^2
+// where w = y - centre_o (y the unmasked follower output), d_k the contributions of the
+// channels mask k removes and w' = w minus the channels every mask removes.
+//
+// Blocking (docs/kernels.md, "The ReLU pass"): a task owns 4 output channels; per tile of
+// 32 positions it forms each input channel's contributions z_c in registers (the 4 outputs
+// share every im2col load; the taps are summed before anything is stored), adds them into y
+// and, for the channels every mask removes, into one sum folded into w'. Only the channels
+// that some but not all masks remove ("varying") are stored, and only they enter the subset
+// tables (method of the four Russians, groups of b channels, 2^b subset sums each). The masks
+// are then summed from the tables in blocks of 64 whose partial sums d stay in L1, group
+// chunk by group chunk (each chunk's tables fit in L1), four masks at a time with their eight
+// 16-float partial sums in registers, and the epilogue reduces each (k, o) row of 32 at once.
+//
+// Accumulation: a row of 32 positions is summed in float32, rows in float64 per (k, o).
+#include <cmath>
+#include <limits>
+
+#include "kernels/cpu_common.h"
+#include "kernels/relu_pass.h"
+
+namespace aofp {
+namespace cpu {
+
+namespace {
+
+constexpr int64_t kLanes = 32;                     // positions per tile (two 16-float vectors)
+constexpr int64_t kOutBlock = 4;                   // output channels per task
+constexpr int64_t kMaskBlock = 128;                // masks per block of partial sums d (16 KiB)
+constexpr int64_t kChunkFloats = 6 * 1024;         // tables of one group chunk (24 KiB, L1)
+constexpr int64_t kColsBudget = int64_t(1) << 17;  // floats of im2col per chunk (512 KiB, L2)
+
+// The masks' structure, shared by every task.
+struct MaskPlan {
+  std::vector<int8_t> role;       // per channel: 0 kept by every mask, 1 removed by every mask,
+                                  // 2 varying (its index among the varying ones in `slot`)
+  std::vector<int32_t> slot;      // per channel: index among the varying channels
+  std::vector<uint8_t> removes;   // per mask: removes at least one channel
+  int64_t Cv = 0;                 // varying channels
+  int bits = 1;
+  int64_t entries = 2, ngroups = 0, chunk = 1;  // 2^bits, ceil(Cv / bits), groups per chunk
+  std::vector<uint16_t> codes;    // (ceil(K / 4), ngroups, 4): offset of mask k's entry in
+                                  // group g's table, at ((k / 4) * ngroups + g) * 4 + k % 4;
+                                  // 0 (the empty subset) past the last mask
+};
+
+// Per output and tile, a group costs 2^b row stores for its table in each block of masks and
+// K row loads for the masks (two per cycle); each chunk of groups reads and writes the masks'
+// partial sums once.
+double relu_cost(int64_t K, int64_t Cv, int b) {
+  const int64_t groups = ceil_div(std::max<int64_t>(Cv, 1), b);
+  const int64_t chunk = std::max<int64_t>(1, kChunkFloats / ((int64_t(1) << b) * kLanes));
+  return double(groups) * (double(int64_t(1) << b) * double(ceil_div(K, kMaskBlock)) +
+                           0.5 * double(K)) +
+         double(ceil_div(groups, chunk)) * double(K);
+}
+
+int relu_bits(int64_t K, int64_t Cv) {
+  int best = 1;
+  double best_cost = std::numeric_limits<double>::infinity();
+  for (int b = 1; b <= 6 && (b == 1 || b <= Cv); ++b) {
+    const double cost = relu_cost(K, Cv, b);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = b;
+    }
+  }
+  return best;
+}
+
+MaskPlan plan_masks(const uint8_t* masks, int64_t K, int64_t C) {
+  MaskPlan mp;
+  std::vector<int64_t> removed(size_t(C), 0);
+  mp.removes.assign(size_t(K), 0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c)
+      if (!masks[k * C + c]) {
+        ++removed[size_t(c)];
+        mp.removes[size_t(k)] = 1;
+      }
+  mp.role.assign(size_t(C), 0);
+  mp.slot.assign(size_t(C), -1);
+  for (int64_t c = 0; c < C; ++c) {
+    if (removed[size_t(c)] == K) {
+      mp.role[size_t(c)] = 1;
+    } else if (removed[size_t(c)] > 0) {
+      mp.role[size_t(c)] = 2;
+      mp.slot[size_t(c)] = int32_t(mp.Cv++);
+    }
+  }
+  mp.bits = relu_bits(K, mp.Cv);
+  mp.entries = int64_t(1) << mp.bits;
+  mp.ngroups = ceil_div(mp.Cv, mp.bits);
+  mp.chunk = std::max<int64_t>(1, kChunkFloats / (mp.entries * kLanes));
+  mp.codes.assign(size_t(ceil_div(K, 4) * 4 * mp.ngroups), 0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c)
+      if (mp.role[size_t(c)] == 2 && !masks[k * C + c]) {
+        const int64_t v = mp.slot[size_t(c)], grp = v / mp.bits;
+        mp.codes[size_t(((k / 4) * mp.ngroups + grp) * 4 + k % 4)] +=
+            uint16_t((int64_t(1) << (v % mp.bits)) * kLanes);  // < 2^8 * 32
+      }
+  return mp;
+}
+
+struct Ctx {
+  const MaskedDamageParams* p;
+  const ReluPassArgs* a;
+  const MaskPlan* mp;
+  const float* wp;     // pack_weights
+  const float* cols;   // im2col of the current chunk, rows of ld floats
+  int64_t ld;
+};
+
+struct Scratch {             // rows of kLanes floats, each starting on a cache line
+  AlignedFloats z;           // (Cv, kOutBlock, kLanes) contributions of the varying channels
+  AlignedFloats wq;          // (kOutBlock, kLanes) w'
+  AlignedFloats base;        // (kOutBlock, kLanes) relu(a w + b)
+  AlignedFloats tab;         // (chunk, 2^b, kLanes); entry 0 of every group stays zero
+  AlignedFloats d;           // (kMaskBlock, kLanes) partial sums of the masks
+};
+
+AOFP_INLINE v16f relu16(v16f v) {
+  const v16f zero = {};
+  return v < zero ? zero : v;  // NaN stays NaN
+}
+
+AOFP_INLINE float sum16(v16f v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// W[o, c, t] as wp[((o / 4 * C + c) * taps + t) * 4 + o % 4], zero past the last output.
+std::vector<float> pack_weights(const MaskedDamageParams& p) {
+  const int64_t C = p.g.C, KK = p.g.taps(), O = p.g.O, nb = ceil_div(O, kOutBlock);
+  std::vector<float> wp(size_t(nb * C * KK * kOutBlock), 0.f);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < KK; ++t)
+        wp[size_t((((o / kOutBlock) * C + c) * KK + t) * kOutBlock + o % kOutBlock)] =
+            p.weight[(o * C + c) * KK + t];
+  return wp;
+}
+
+// The contributions of one tile (positions [j0, j0 + kLanes) of the chunk): stores z of the
+// varying channels; y (without bias) and the sum over the all-removed channels come back.
+AOFP_INLINE void tile_contributions(const Ctx& cx, const float* __restrict wp, int64_t j0,
+                                    float* __restrict z, v16f (&y)[kOutBlock][2],
+                                    v16f (&gone)[kOutBlock][2]) {
+  const int64_t C = cx.p->g.C, KK = cx.p->g.taps(), ld = cx.ld;
+  for (int u = 0; u < kOutBlock; ++u) y[u][0] = y[u][1] = gone[u][0] = gone[u][1] = v16f{};
+  for (int64_t c = 0; c < C; ++c) {
+    const float* col = cx.cols + c * KK * ld + j0;
+    const float* wc = wp + c * KK * kOutBlock;
+    v16f acc[kOutBlock][2] = {};
+    for (int64_t t = 0; t < KK; ++t) {
+      const v16f x0 = load16(col + t * ld), x1 = load16(col + t * ld + 16);
+      for (int u = 0; u < kOutBlock; ++u) {
+        const float wv = wc[t * kOutBlock + u];
+        acc[u][0] += wv * x0;
+        acc[u][1] += wv * x1;
+      }
+    }
+    for (int u = 0; u < kOutBlock; ++u) {
+      y[u][0] += acc[u][0];
+      y[u][1] += acc[u][1];
+    }
+    const int8_t role = cx.mp->role[size_t(c)];
+    if (role == 1) {
+      for (int u = 0; u < kOutBlock; ++u) {
+        gone[u][0] += acc[u][0];
+        gone[u][1] += acc[u][1];
+      }
+    } else if (role == 2) {
+      float* zc = z + int64_t(cx.mp->slot[size_t(c)]) * kOutBlock * kLanes;
+      for (int u = 0; u < kOutBlock; ++u) {
+        std::memcpy(zc + u * kLanes, &acc[u][0], sizeof(v16f));
+        std::memcpy(zc + u * kLanes + 16, &acc[u][1], sizeof(v16f));
+      }
+    }
+  }
+}
+
+// Subset sums of output u's varying contributions over groups [g0, g1): entry s of group g,
+// at tab[((g - g0) * 2^b + s) * kLanes], is the sum of z over the bits of s.
+AOFP_INLINE void build_tables(const MaskPlan& mp, const float* __restrict z, int u, int64_t g0,
+                              int64_t g1, float* __restrict tab) {
+  for (int64_t grp = g0; grp < g1; ++grp) {
+    const int64_t v0 = grp * mp.bits, nb = std::min<int64_t>(mp.bits, mp.Cv - v0);
+    float* tg = tab + (grp - g0) * mp.entries * kLanes;
+    for (int64_t s = 1; s < (int64_t(1) << nb); ++s) {
+      const int64_t low = s & (s - 1);
+      const int64_t bit = __builtin_ctzll(uint64_t(s));
+      const float* zr = z + ((v0 + bit) * kOutBlock + u) * kLanes;
+      const float* tl = tg + low * kLanes;  // entry 0 is zero
+      const v16f r0 = load16(tl) + load16(zr), r1 = load16(tl + 16) + load16(zr + 16);
+      std::memcpy(tg + s * kLanes, &r0, sizeof(v16f));
+      std::memcpy(tg + s * kLanes + 16, &r1, sizeof(v16f));
+    }
+  }
+}
+
+// d[k] += the table entries of masks [k0, k0 + kn) over groups [g0, g1) (tables as laid out by
+// build_tables), four masks at a time (k0 and the buffer d are whole quads: the codes of the
+// masks past the last are the zero entry).
+AOFP_INLINE void sum_masks(const MaskPlan& mp, const float* __restrict tab, int64_t k0,
+                           int64_t kn, int64_t g0, int64_t g1, float* __restrict d) {
+  const int64_t ng = mp.ngroups, step = mp.entries * kLanes;
+  for (int64_t k = 0; k < kn; k += 4) {
+    float* dk = d + k * kLanes;
+    v16f a0 = load16(dk), a1 = load16(dk + 16), b0 = load16(dk + 32), b1 = load16(dk + 48);
+    v16f c0 = load16(dk + 64), c1 = load16(dk + 80), e0 = load16(dk + 96),
+         e1 = load16(dk + 112);
+    const uint16_t* q = mp.codes.data() + ((k0 + k) / 4 * ng + g0) * 4;
+    const float* tg = tab;
+    for (int64_t g = g0; g < g1; ++g, tg += step, q += 4) {
+      uint64_t c4;  // the four masks' codes in one load
+      std::memcpy(&c4, q, sizeof(c4));
+      const float* ta = tg + (c4 & 0xffff);
+      const float* tb = tg + ((c4 >> 16) & 0xffff);
+      const float* tc = tg + ((c4 >> 32) & 0xffff);
+      const float* te = tg + (c4 >> 48);
+      a0 += load16(ta);
+      a1 += load16(ta + 16);
+      b0 += load16(tb);
+      b1 += load16(tb + 16);
+      c0 += load16(tc);
+      c1 += load16(tc + 16);
+      e0 += load16(te);
+      e1 += load16(te + 16);
+    }
+    const v16f out[8] = {a0, a1, b0, b1, c0, c1, e0, e1};
+    std::memcpy(dk, out, sizeof(out));
+  }
+}
+
+// acc[k, o] += sum over the tile's n valid positions of (relu(A (w' - d_k) + B) - base)^2.
+AOFP_INLINE void epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn, int64_t n,
+                          const float* __restrict wq, const float* __restrict base,
+                          const float* __restrict d) {
+  const ReluPassArgs& a = *cx.a;
+  const int64_t O = cx.p->g.O;
+  const v16f w0 = load16(wq), w1 = load16(wq + 16), b0 = load16(base), b1 = load16(base + 16);
+  for (int64_t kk = 0; kk < kn; ++kk) {
+    const int64_t k = k0 + kk;
+    if (!cx.mp->removes[size_t(k)]) continue;  // keeps every channel: exactly zero damage
+    const float A = a.mask_scale ? a.mask_scale[k * O + o] : a.base_scale[o];
+    const float B = a.mask_shift ? a.mask_shift[k * O + o] : a.base_shift[o];
+    const float* dk = d + kk * kLanes;
+    const v16f r0 = relu16(A * (w0 - load16(dk)) + B) - b0;
+    const v16f r1 = relu16(A * (w1 - load16(dk + 16)) + B) - b1;
+    float s;
+    if (n == kLanes) {
+      s = sum16(r0 * r0 + r1 * r1);
+    } else {  // the chunk's last tile: only its n valid positions
+      float r[kLanes];
+      std::memcpy(r, &r0, sizeof(v16f));
+      std::memcpy(r + 16, &r1, sizeof(v16f));
+      s = 0.f;
+      for (int64_t j = 0; j < n; ++j) s += r[j] * r[j];
+    }
+    a.acc[k * O + o] += double(s);
+  }
+}
+
+// One tile: output channels [o0, o0 + no) x positions [j0, j0 + n) of the chunk.
+AOFP_HOT void run_tile(const Ctx& cx, int64_t o0, int64_t no, int64_t j0, int64_t n,
+                       Scratch& sc) {
+  const MaskedDamageParams& p = *cx.p;
+  const ReluPassArgs& a = *cx.a;
+  const MaskPlan& mp = *cx.mp;
+  v16f y[kOutBlock][2], gone[kOutBlock][2];
+  tile_contributions(cx, cx.wp + o0 * p.g.C * p.g.taps(), j0, sc.z.data(), y, gone);
+  for (int64_t u = 0; u < no; ++u) {
+    const int64_t o = o0 + u;
+    const float off = (p.bias ? p.bias[o] : 0.f) - (a.centre ? float(a.centre[o]) : 0.f);
+    const float bs = a.base_scale[o], bo = a.base_shift[o];
+    for (int h = 0; h < 2; ++h) {
+      const v16f w = y[u][h] + off;
+      const v16f wq = w - gone[u][h], base = relu16(bs * w + bo);
+      std::memcpy(sc.wq.data() + u * kLanes + 16 * h, &wq, sizeof(v16f));
+      std::memcpy(sc.base.data() + u * kLanes + 16 * h, &base, sizeof(v16f));
+    }
+  }
+  // Per output: each chunk of groups has its tables built into one L1 buffer right before
+  // the masks read them (rebuilt for every block of masks when there are several).
+  for (int64_t u = 0; u < no; ++u) {
+    for (int64_t k0 = 0; k0 < p.K; k0 += kMaskBlock) {
+      const int64_t kn = std::min(kMaskBlock, p.K - k0);
+      std::fill(sc.d.data(), sc.d.data() + ceil_div(kn, 4) * 4 * kLanes, 0.f);
+      for (int64_t g0 = 0; g0 < mp.ngroups; g0 += mp.chunk) {
+        const int64_t g1 = std::min(mp.ngroups, g0 + mp.chunk);
+        build_tables(mp, sc.z.data(), int(u), g0, g1, sc.tab.data());
+        sum_masks(mp, sc.tab.data(), k0, kn, g0, g1, sc.d.data());
+      }
+      epilogue(cx, o0 + u, k0, kn, n, sc.wq.data() + u * kLanes, sc.base.data() + u * kLanes,
+               sc.d.data());
+    }
+  }
+}
+
+}  // namespace
+
+void relu_pass(const MaskedDamageParams& p, const ReluPassArgs& a, const ParallelFor& pfor) {
+  const ConvGeom& g = p.g;
+  const int64_t P = g.positions(), C = g.C, KK = g.taps(), O = g.O;
+  if (p.K == 0 || P == 0 || O == 0 || C == 0) return;
+  const MaskPlan mp = plan_masks(p.masks, p.K, C);
+  // Chunks of positions whose im2col stays in L2 while every output block reads it, a
+  // multiple of the tile; every row is padded with zeros to a whole tile so a tile never
+  // reads past its row.
+  const int64_t per_col = std::max<int64_t>(1, C * KK);
+  const int64_t chunk = std::min(std::max<int64_t>(kLanes, kColsBudget / per_col / kLanes * kLanes),
+                                 ceil_div(P, kLanes) * kLanes);
+  const int64_t ld = chunk;
+  AlignedFloats cols(size_t(per_col * ld));
+  const int64_t n_tasks = ceil_div(O, kOutBlock);
+  const std::vector<float> wp = pack_weights(p);
+  Ctx cx{&p, &a, &mp, wp.data(), cols.data(), ld};
+  PositionRange pr;
+  for (int64_t q0 = 0; q0 < P; q0 += chunk) {
+    const int64_t nq = std::min(chunk, P - q0);
+    pr.set(g, q0, nq);
+    im2col(g, p.x, pr, cols.data(), ld, pfor);
+    const int64_t padded = ceil_div(nq, kLanes) * kLanes;
+    if (padded > nq)
+      for (int64_t r = 0; r < per_col; ++r)
+        std::fill(cols.data() + r * ld + nq, cols.data() + r * ld + padded, 0.f);
+    pfor(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+      Scratch sc{AlignedFloats(size_t(std::max<int64_t>(mp.Cv, 1) * kOutBlock * kLanes)),
+                 AlignedFloats(size_t(kOutBlock * kLanes)),
+                 AlignedFloats(size_t(kOutBlock * kLanes)),
+                 AlignedFloats(size_t(mp.chunk * mp.entries * kLanes)),
+                 AlignedFloats(size_t(kMaskBlock * kLanes))};
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t o0 = t * kOutBlock, no = std::min(kOutBlock, O - o0);
+        for (int64_t j0 = 0; j0 < nq; j0 += kLanes)
+          run_tile(cx, o0, no, j0, std::min(kLanes, nq - j0), sc);
+      }
+    });
+  }
+}
+
+}  // namespace cpu
+}  // namespace aofp
