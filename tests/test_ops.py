@@ -30,9 +30,9 @@ def test_masked_damage_sweep(N, C, O, H, W, k, stride, padding, dilation, K, mod
         return  # the conv itself is undefined here; the error path is tested separately
     x, w, masks, kw = rand_case(gen, N=N, C=C, O=O, H=H, W=W, k=k, K=K, bias=bias, norm=norm)
     args = dict(stride=stride, padding=padding, dilation=dilation, norm=norm, post=post, **kw)
-    got = ops.masked_damage(x, w, masks, **args)
     ref = ops.masked_damage_reference(x, w, masks, **args)
-    assert_damage_close(got, ref)
+    assert_damage_close(ops.masked_damage(x, w, masks, **args), ref)
+    assert_damage_close(ops.masked_damage(x, w, masks, method="fused", **args), ref)
 
 
 @pytest.mark.parametrize("norm,post", NORM_POST)
@@ -47,11 +47,12 @@ def test_masked_damage_sweep(N, C, O, H, W, k, stride, padding, dilation, K, mod
 )
 def test_masked_damage_shapes(shape, norm, post):
     gen = torch.Generator().manual_seed(hash((tuple(shape.items()), norm, post)) % 2**31)
-    for K in (1, 7, 300):  # K = 1, small K, and K large enough for 8-bit subset tables
+    for K in (1, 7, 300):  # K = 1, small K, and K past two blocks of 128 masks
         x, w, masks, kw = rand_case(gen, K=K, norm=norm, **shape)
         args = dict(padding=shape["k"] // 2, norm=norm, post=post, **kw)
-        assert_damage_close(ops.masked_damage(x, w, masks, **args),
-                            ops.masked_damage_reference(x, w, masks, **args))
+        ref = ops.masked_damage_reference(x, w, masks, **args)
+        assert_damage_close(ops.masked_damage(x, w, masks, **args), ref)
+        assert_damage_close(ops.masked_damage(x, w, masks, method="fused", **args), ref)
 
 
 def _search_masks(gen, K, C, dead, kept):
@@ -69,11 +70,11 @@ def _search_masks(gen, K, C, dead, kept):
 
 
 @pytest.mark.parametrize("K", [1, 5, 131])
-def test_relu_pass_channel_roles_blocks_and_chunks(K):
-    """The ReLU pass folds the channels every mask removes into the output, leaves out those
-    none removes, sums the masks in blocks of 128 and quads (K = 131: a second block and a
-    partial quad), and runs over position chunks of whole 32-position tiles (here 3 chunks,
-    the last with a partial tile)."""
+def test_mask_pass_channel_roles_blocks_and_chunks(K):
+    """The fused mask pass starts every d_k at the sum over the channels every mask removes,
+    leaves out those none removes, sums the masks in blocks of 128 and quads (K = 131: a
+    second block and a partial quad), and runs over position chunks of whole 32-position
+    tiles (here 3 chunks, the last with a partial tile), for every mode."""
     gen = torch.Generator().manual_seed(K)
     C, O = 70, 9                           # 70 * 9 im2col rows: chunks of 192 positions
     x = torch.randn(3, C, 13, 11, generator=gen).relu_()   # P = 429
@@ -81,13 +82,13 @@ def test_relu_pass_channel_roles_blocks_and_chunks(K):
     masks = _search_masks(gen, K, C, dead=[3, 4, 40, 69], kept=list(range(10, 30)))
     kw = dict(bias=torch.randn(O, generator=gen), padding=1, scale=torch.rand(O, generator=gen)
               + 0.5, shift=torch.randn(O, generator=gen) * 0.2)
-    for norm in ("none", "affine", "batch"):
-        args = dict(kw, norm=norm, post="relu")
+    for norm, post in NORM_POST:
+        args = dict(kw, norm=norm, post=post)
         if norm == "none":
             args.pop("scale"), args.pop("shift")
         ref = ops.masked_damage_reference(x, w, masks, **args)
         assert_damage_close(ops.masked_damage(x, w, masks, method="fused", **args), ref)
-        if norm == "batch":
+        if norm == "batch" or post == "none":
             assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args), ref)
     aff = _relu_affine(gen, K, O)
     args = dict(bias=kw["bias"], padding=1)

@@ -1,24 +1,28 @@
-// The ReLU pass of masked_damage on the CPU: for every mask k and output channel o,
-//   acc[k, o] += sum over positions of (relu(A_ko (w' - d_k) + B_ko) - relu(a_o w + b_o))^2
-// where w = y - centre_o (y the unmasked follower output), d_k the contributions of the
-// channels mask k removes and w' = w minus the channels every mask removes.
+// The mask pass of masked_damage on the CPU: for every mask k and output channel o, one
+// reduction over the positions of d_k = sum of z_c over the channels c that mask k removes
+// (z_c = conv(x[:, c], W[:, c]), so the masked output is y - d_k), with the epilogue of
+// mask_pass.h: sum d^2 (norm none/affine), the clipped damage (ReLU) or BN statistics.
 //
-// Blocking (docs/kernels.md, "The ReLU pass"): a task owns 4 output channels; per tile of
+// Blocking (docs/kernels.md, "The mask pass"): a task owns 4 output channels; per tile of
 // 32 positions it forms each input channel's contributions z_c in registers (the 4 outputs
 // share every im2col load; the taps are summed before anything is stored), adds them into y
-// and, for the channels every mask removes, into one sum folded into w'. Only the channels
-// that some but not all masks remove ("varying") are stored, and only they enter the subset
-// tables (method of the four Russians, groups of b channels, 2^b subset sums each). The masks
-// are then summed from the tables in blocks of 64 whose partial sums d stay in L1, group
-// chunk by group chunk (each chunk's tables fit in L1), four masks at a time with their eight
-// 16-float partial sums in registers, and the epilogue reduces each (k, o) row of 32 at once.
+// and, for the channels every mask removes, into one sum `gone` that starts every d_k. Only
+// the channels that some but not all masks remove ("varying") are stored, and only they enter
+// the subset tables (method of the four Russians: groups of b channels, 2^b subset sums each;
+// d_k is then one table row per group instead of one row per channel). The masks are summed
+// from the tables in blocks of 128 whose partial sums d stay in L1, group chunk by group chunk
+// (each chunk's tables built into one L1 buffer right before the masks read them), four masks
+// at a time with their eight 16-float partial sums in registers, and the epilogue reduces each
+// (k, o) row of 32 at once. No masked output is stored: memory is bounded by the tile.
 //
-// Accumulation: a row of 32 positions is summed in float32, rows in float64 per (k, o).
+// Accumulation: a row of 32 positions is reduced in float32, rows are accumulated in float64
+// per (k, o) (BN statistics: each row's centred sums, merged with Chan's rule, so no sum of
+// squares loses its precision to a large mean).
 #include <cmath>
 #include <limits>
 
 #include "kernels/cpu_common.h"
-#include "kernels/relu_pass.h"
+#include "kernels/mask_pass.h"
 
 namespace aofp {
 namespace cpu {
@@ -106,17 +110,19 @@ MaskPlan plan_masks(const uint8_t* masks, int64_t K, int64_t C) {
 
 struct Ctx {
   const MaskedDamageParams* p;
-  const ReluPassArgs* a;
+  const MaskPassArgs* a;
   const MaskPlan* mp;
   const float* wp;     // pack_weights
   const float* cols;   // im2col of the current chunk, rows of ld floats
   int64_t ld;
+  int64_t q0;          // the chunk's first position
 };
 
 struct Scratch {             // rows of kLanes floats, each starting on a cache line
   AlignedFloats z;           // (Cv, kOutBlock, kLanes) contributions of the varying channels
-  AlignedFloats wq;          // (kOutBlock, kLanes) w'
-  AlignedFloats base;        // (kOutBlock, kLanes) relu(a w + b)
+  AlignedFloats w;            // (kOutBlock, kLanes) y + bias - centre
+  AlignedFloats gone;        // (kOutBlock, kLanes) contributions of the all-removed channels
+  AlignedFloats base;        // (kOutBlock, kLanes) Relu: relu(a w + b)
   AlignedFloats tab;         // (chunk, 2^b, kLanes); entry 0 of every group stays zero
   AlignedFloats d;           // (kMaskBlock, kLanes) partial sums of the masks
 };
@@ -236,32 +242,84 @@ AOFP_INLINE void sum_masks(const MaskPlan& mp, const float* __restrict tab, int6
   }
 }
 
-// acc[k, o] += sum over the tile's n valid positions of (relu(A (w' - d_k) + B) - base)^2.
-AOFP_INLINE void epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn, int64_t n,
-                          const float* __restrict wq, const float* __restrict base,
-                          const float* __restrict d) {
-  const ReluPassArgs& a = *cx.a;
+// The tile's n valid lanes of two vectors, as floats.
+AOFP_INLINE void spill(v16f v0, v16f v1, float* out) {
+  std::memcpy(out, &v0, sizeof(v16f));
+  std::memcpy(out + 16, &v1, sizeof(v16f));
+}
+
+// sum of v0^2 + v1^2 over the n valid lanes.
+AOFP_INLINE float sum_sq(v16f v0, v16f v1, int64_t n) {
+  if (n == kLanes) return sum16(v0 * v0 + v1 * v1);
+  float r[kLanes], s = 0.f;  // the chunk's last tile
+  spill(v0, v1, r);
+  for (int64_t j = 0; j < n; ++j) s += r[j] * r[j];
+  return s;
+}
+
+// Square and Relu: acc[k, o] += the tile's sum for masks [k0, k0 + kn).
+AOFP_INLINE void damage_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn, int64_t n,
+                                 const float* __restrict w, const float* __restrict base,
+                                 const float* __restrict d) {
+  const MaskPassArgs& a = *cx.a;
   const int64_t O = cx.p->g.O;
-  const v16f w0 = load16(wq), w1 = load16(wq + 16), b0 = load16(base), b1 = load16(base + 16);
+  const bool relu = a.epilogue == Epilogue::Relu;
+  const float s2 = a.base_scale ? a.base_scale[o] * a.base_scale[o] : 1.f;
+  const v16f w0 = load16(w), w1 = load16(w + 16), b0 = load16(base), b1 = load16(base + 16);
   for (int64_t kk = 0; kk < kn; ++kk) {
     const int64_t k = k0 + kk;
     if (!cx.mp->removes[size_t(k)]) continue;  // keeps every channel: exactly zero damage
+    const v16f d0 = load16(d + kk * kLanes), d1 = load16(d + kk * kLanes + 16);
+    if (!relu) {
+      a.acc[k * O + o] += double(s2) * double(sum_sq(d0, d1, n));
+      continue;
+    }
     const float A = a.mask_scale ? a.mask_scale[k * O + o] : a.base_scale[o];
     const float B = a.mask_shift ? a.mask_shift[k * O + o] : a.base_shift[o];
-    const float* dk = d + kk * kLanes;
-    const v16f r0 = relu16(A * (w0 - load16(dk)) + B) - b0;
-    const v16f r1 = relu16(A * (w1 - load16(dk + 16)) + B) - b1;
-    float s;
-    if (n == kLanes) {
-      s = sum16(r0 * r0 + r1 * r1);
-    } else {  // the chunk's last tile: only its n valid positions
-      float r[kLanes];
-      std::memcpy(r, &r0, sizeof(v16f));
-      std::memcpy(r + 16, &r1, sizeof(v16f));
-      s = 0.f;
-      for (int64_t j = 0; j < n; ++j) s += r[j] * r[j];
+    a.acc[k * O + o] +=
+        double(sum_sq(relu16(A * (w0 - d0) + B) - b0, relu16(A * (w1 - d1) + B) - b1, n));
+  }
+}
+
+// Chan et al.'s merge of a block of nb values (mean mb, centred sum of squares m2b) into a
+// running {mean, M2} of na values.
+AOFP_INLINE void merge_moments(double* mean, double* m2, double na, double nb, double mb,
+                               double m2b) {
+  const double nt = na + nb, delta = mb - *mean;
+  *mean += delta * nb / nt;
+  *m2 += m2b + delta * delta * na * nb / nt;
+}
+
+// BnStats: the row's centred sums of d, of (y, d) and of y - d for masks [k0, k0 + kn), merged
+// into acc[(k, o), 0..3]; y's row has mean my and is w. na positions were merged before.
+AOFP_INLINE void stats_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn, int64_t n,
+                                const float* __restrict w, float my, double na,
+                                const float* __restrict d) {
+  const int64_t O = cx.p->g.O;
+  const double nb = double(n), nt = na + nb, f = na * nb / nt;
+  const double du = double(my) - cx.a->ystat[2 * o];
+  float fr[kLanes], dr[kLanes];
+  for (int64_t j = 0; j < n; ++j) fr[j] = w[j] - my;
+  for (int64_t kk = 0; kk < kn; ++kk) {
+    const int64_t k = k0 + kk;
+    if (!cx.mp->removes[size_t(k)]) continue;
+    std::memcpy(dr, d + kk * kLanes, sizeof(dr));
+    float sd = 0.f;
+    for (int64_t j = 0; j < n; ++j) sd += dr[j];
+    const float md = sd / float(n);
+    float m2d = 0.f, cud = 0.f, m2v = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      const float e = dr[j] - md, v = fr[j] - e;
+      m2d += e * e;
+      cud += fr[j] * e;
+      m2v += v * v;
     }
-    a.acc[k * O + o] += double(s);
+    double* st = cx.a->acc + (k * O + o) * 4;
+    const double dd = double(md) - st[0], dv = du - dd;
+    st[0] += dd * nb / nt;
+    st[1] += double(m2d) + dd * dd * f;
+    st[2] += double(cud) + du * dd * f;
+    st[3] += double(m2v) + dv * dv * f;
   }
 }
 
@@ -269,41 +327,61 @@ AOFP_INLINE void epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn, int6
 AOFP_HOT void run_tile(const Ctx& cx, int64_t o0, int64_t no, int64_t j0, int64_t n,
                        Scratch& sc) {
   const MaskedDamageParams& p = *cx.p;
-  const ReluPassArgs& a = *cx.a;
+  const MaskPassArgs& a = *cx.a;
   const MaskPlan& mp = *cx.mp;
   v16f y[kOutBlock][2], gone[kOutBlock][2];
   tile_contributions(cx, cx.wp + o0 * p.g.C * p.g.taps(), j0, sc.z.data(), y, gone);
   for (int64_t u = 0; u < no; ++u) {
     const int64_t o = o0 + u;
     const float off = (p.bias ? p.bias[o] : 0.f) - (a.centre ? float(a.centre[o]) : 0.f);
-    const float bs = a.base_scale[o], bo = a.base_shift[o];
     for (int h = 0; h < 2; ++h) {
       const v16f w = y[u][h] + off;
-      const v16f wq = w - gone[u][h], base = relu16(bs * w + bo);
-      std::memcpy(sc.wq.data() + u * kLanes + 16 * h, &wq, sizeof(v16f));
-      std::memcpy(sc.base.data() + u * kLanes + 16 * h, &base, sizeof(v16f));
+      std::memcpy(sc.w.data() + u * kLanes + 16 * h, &w, sizeof(v16f));
+      std::memcpy(sc.gone.data() + u * kLanes + 16 * h, &gone[u][h], sizeof(v16f));
+      if (a.epilogue == Epilogue::Relu) {
+        const v16f base = relu16(a.base_scale[o] * w + a.base_shift[o]);
+        std::memcpy(sc.base.data() + u * kLanes + 16 * h, &base, sizeof(v16f));
+      }
     }
   }
-  // Per output: each chunk of groups has its tables built into one L1 buffer right before
-  // the masks read them (rebuilt for every block of masks when there are several).
+  const double na = double(cx.q0 + j0);  // BnStats: positions merged before this tile
   for (int64_t u = 0; u < no; ++u) {
+    const int64_t o = o0 + u;
+    const float* w = sc.w.data() + u * kLanes;
+    float my = 0.f, m2y = 0.f;  // BnStats: y's row mean and centred sum of squares
+    if (a.epilogue == Epilogue::BnStats) {
+      for (int64_t j = 0; j < n; ++j) my += w[j];
+      my /= float(n);
+      for (int64_t j = 0; j < n; ++j) m2y += (w[j] - my) * (w[j] - my);
+    }
     for (int64_t k0 = 0; k0 < p.K; k0 += kMaskBlock) {
       const int64_t kn = std::min(kMaskBlock, p.K - k0);
-      std::fill(sc.d.data(), sc.d.data() + ceil_div(kn, 4) * 4 * kLanes, 0.f);
+      const v16f g0v = load16(sc.gone.data() + u * kLanes);
+      const v16f g1v = load16(sc.gone.data() + u * kLanes + 16);
+      for (int64_t k = 0; k < ceil_div(kn, 4) * 4; ++k) {  // every d_k starts at `gone`
+        std::memcpy(sc.d.data() + k * kLanes, &g0v, sizeof(v16f));
+        std::memcpy(sc.d.data() + k * kLanes + 16, &g1v, sizeof(v16f));
+      }
       for (int64_t g0 = 0; g0 < mp.ngroups; g0 += mp.chunk) {
         const int64_t g1 = std::min(mp.ngroups, g0 + mp.chunk);
         build_tables(mp, sc.z.data(), int(u), g0, g1, sc.tab.data());
         sum_masks(mp, sc.tab.data(), k0, kn, g0, g1, sc.d.data());
       }
-      epilogue(cx, o0 + u, k0, kn, n, sc.wq.data() + u * kLanes, sc.base.data() + u * kLanes,
-               sc.d.data());
+      if (a.epilogue == Epilogue::BnStats)
+        stats_epilogue(cx, o, k0, kn, n, w, my, na, sc.d.data());
+      else
+        damage_epilogue(cx, o, k0, kn, n, w, sc.base.data() + u * kLanes, sc.d.data());
+    }
+    if (a.epilogue == Epilogue::BnStats) {  // y's row joins its running moments (after the masks')
+      double* st = a.ystat + 2 * o;
+      merge_moments(st, st + 1, na, double(n), double(my), double(m2y));
     }
   }
 }
 
 }  // namespace
 
-void relu_pass(const MaskedDamageParams& p, const ReluPassArgs& a, const ParallelFor& pfor) {
+void mask_pass(const MaskedDamageParams& p, const MaskPassArgs& a, const ParallelFor& pfor) {
   const ConvGeom& g = p.g;
   const int64_t P = g.positions(), C = g.C, KK = g.taps(), O = g.O;
   if (p.K == 0 || P == 0 || O == 0 || C == 0) return;
@@ -318,7 +396,7 @@ void relu_pass(const MaskedDamageParams& p, const ReluPassArgs& a, const Paralle
   AlignedFloats cols(size_t(per_col * ld));
   const int64_t n_tasks = ceil_div(O, kOutBlock);
   const std::vector<float> wp = pack_weights(p);
-  Ctx cx{&p, &a, &mp, wp.data(), cols.data(), ld};
+  Ctx cx{&p, &a, &mp, wp.data(), cols.data(), ld, 0};
   PositionRange pr;
   for (int64_t q0 = 0; q0 < P; q0 += chunk) {
     const int64_t nq = std::min(chunk, P - q0);
@@ -328,10 +406,11 @@ void relu_pass(const MaskedDamageParams& p, const ReluPassArgs& a, const Paralle
     if (padded > nq)
       for (int64_t r = 0; r < per_col; ++r)
         std::fill(cols.data() + r * ld + nq, cols.data() + r * ld + padded, 0.f);
+    cx.q0 = q0;
     pfor(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
-      Scratch sc{AlignedFloats(size_t(std::max<int64_t>(mp.Cv, 1) * kOutBlock * kLanes)),
-                 AlignedFloats(size_t(kOutBlock * kLanes)),
-                 AlignedFloats(size_t(kOutBlock * kLanes)),
+      const size_t rows = size_t(kOutBlock * kLanes);
+      Scratch sc{AlignedFloats(size_t(std::max<int64_t>(mp.Cv, 1)) * rows), AlignedFloats(rows),
+                 AlignedFloats(rows), AlignedFloats(rows),
                  AlignedFloats(size_t(mp.chunk * mp.entries * kLanes)),
                  AlignedFloats(size_t(kMaskBlock * kLanes))};
       for (int64_t t = t0; t < t1; ++t) {
