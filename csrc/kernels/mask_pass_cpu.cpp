@@ -16,8 +16,8 @@
 // (k, o) row of 32 at once. No masked output is stored: memory is bounded by the tile.
 //
 // Accumulation: a row of 32 positions is reduced in float32, rows are accumulated in float64
-// per (k, o) (BN statistics: each row's centred sums, merged with Chan's rule, so no sum of
-// squares loses its precision to a large mean).
+// per (k, o) (BN statistics: sums of data shifted by their first tile's means, so no sum of
+// squares loses its precision to a large mean; see Stats).
 #include <cmath>
 #include <limits>
 
@@ -108,6 +108,18 @@ MaskPlan plan_masks(const uint8_t* masks, int64_t K, int64_t C) {
   return mp;
 }
 
+// BnStats works on shifted data: per (k, o) the sums over positions of a = d - sd,
+// a^2, f a and of b = f - a - sb, b^2, with f = y - sy; the shifts sy (per o), sd and sb (per
+// (k, o)) are the means over the first tile of each output, close to the true means, so the
+// centred moments taken from these sums at the end (stats_moments) lose nothing to a large
+// mean (a test offsets the activations by 1000).
+struct Stats {
+  std::vector<float> shift;    // (K, O, 2): sd, sb
+  std::vector<double> sums;    // (K, O, 5): sum a, sum a^2, sum f a, sum b, sum b^2
+  std::vector<float> yshift;   // (O): sy
+  std::vector<double> ysums;   // (O, 2): sum f, sum f^2
+};
+
 struct Ctx {
   const MaskedDamageParams* p;
   const MaskPassArgs* a;
@@ -116,6 +128,7 @@ struct Ctx {
   const float* cols;   // im2col of the current chunk, rows of ld floats
   int64_t ld;
   int64_t q0;          // the chunk's first position
+  Stats* stats;        // BnStats: the shifted sums (each task updates its own outputs')
 };
 
 struct Scratch {             // rows of kLanes floats, each starting on a cache line
@@ -132,10 +145,43 @@ AOFP_INLINE v16f relu16(v16f v) {
   return v < zero ? zero : v;  // NaN stays NaN
 }
 
-AOFP_INLINE float sum16(v16f v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// The lane sums of four vectors, {sum a, sum b, sum c, sum e}, by a transposing tree of
+// shuffles and adds (12 vector operations instead of four chains of 15 scalar adds).
+AOFP_INLINE void sum4x16(v16f a, v16f b, v16f c, v16f e, float* out) {
+  const v16i lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const v16i hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const v16f ab = __builtin_shuffle(a, b, lo8) + __builtin_shuffle(a, b, hi8);
+  const v16f ce = __builtin_shuffle(c, e, lo8) + __builtin_shuffle(c, e, hi8);
+  const v16i lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const v16i hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  const v16f q = __builtin_shuffle(ab, ce, lo4) + __builtin_shuffle(ab, ce, hi4);
+  const v16i lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13};
+  const v16i hi2 = {2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15};
+  const v16f t = __builtin_shuffle(q, lo2) + __builtin_shuffle(q, hi2);
+  const v16i ev = {0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6};
+  const v16i od = {1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7};
+  const v16f r = __builtin_shuffle(t, ev) + __builtin_shuffle(t, od);
+  out[0] = r[0];
+  out[1] = r[1];
+  out[2] = r[2];
+  out[3] = r[3];
+}
+
+// The tile's valid lanes: lanes [0, 16) and [16, 32) below n.
+struct Lanes {
+  v16i v0, v1;
+  explicit Lanes(int64_t n) {
+    const v16i idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    v0 = idx < int32_t(n);
+    v1 = idx + 16 < int32_t(n);
+  }
+};
+
+AOFP_INLINE v16f keep(v16i m, v16f v) {  // v where m, else 0 (also where v is NaN)
+  const v16f zero = {};
+  return m ? v : zero;
 }
 
 // W[o, c, t] as wp[((o / 4 * C + c) * taps + t) * 4 + o % 4], zero past the last output.
@@ -242,22 +288,8 @@ AOFP_INLINE void sum_masks(const MaskPlan& mp, const float* __restrict tab, int6
   }
 }
 
-// The tile's n valid lanes of two vectors, as floats.
-AOFP_INLINE void spill(v16f v0, v16f v1, float* out) {
-  std::memcpy(out, &v0, sizeof(v16f));
-  std::memcpy(out + 16, &v1, sizeof(v16f));
-}
-
-// sum of v0^2 + v1^2 over the n valid lanes.
-AOFP_INLINE float sum_sq(v16f v0, v16f v1, int64_t n) {
-  if (n == kLanes) return sum16(v0 * v0 + v1 * v1);
-  float r[kLanes], s = 0.f;  // the chunk's last tile
-  spill(v0, v1, r);
-  for (int64_t j = 0; j < n; ++j) s += r[j] * r[j];
-  return s;
-}
-
-// Square and Relu: acc[k, o] += the tile's sum for masks [k0, k0 + kn).
+// Square and Relu: acc[k, o] += the tile's sum for masks [k0, k0 + kn), four at a time (d
+// holds whole quads).
 AOFP_INLINE void damage_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn, int64_t n,
                                  const float* __restrict w, const float* __restrict base,
                                  const float* __restrict d) {
@@ -265,61 +297,117 @@ AOFP_INLINE void damage_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t k
   const int64_t O = cx.p->g.O;
   const bool relu = a.epilogue == Epilogue::Relu;
   const float s2 = a.base_scale ? a.base_scale[o] * a.base_scale[o] : 1.f;
+  const Lanes ln(n);
   const v16f w0 = load16(w), w1 = load16(w + 16), b0 = load16(base), b1 = load16(base + 16);
-  for (int64_t kk = 0; kk < kn; ++kk) {
-    const int64_t k = k0 + kk;
-    if (!cx.mp->removes[size_t(k)]) continue;  // keeps every channel: exactly zero damage
-    const v16f d0 = load16(d + kk * kLanes), d1 = load16(d + kk * kLanes + 16);
-    if (!relu) {
-      a.acc[k * O + o] += double(s2) * double(sum_sq(d0, d1, n));
-      continue;
+  for (int64_t kk = 0; kk < kn; kk += 4) {
+    v16f sq[4];
+    for (int i = 0; i < 4; ++i) {
+      const int64_t k = std::min(k0 + kk + i, k0 + kn - 1);  // past the last: a repeat, unused
+      v16f r0 = load16(d + (kk + i) * kLanes), r1 = load16(d + (kk + i) * kLanes + 16);
+      if (relu) {
+        const float A = a.mask_scale ? a.mask_scale[k * O + o] : a.base_scale[o];
+        const float B = a.mask_shift ? a.mask_shift[k * O + o] : a.base_shift[o];
+        r0 = relu16(A * (w0 - r0) + B) - b0;
+        r1 = relu16(A * (w1 - r1) + B) - b1;
+      }
+      r0 = keep(ln.v0, r0);
+      r1 = keep(ln.v1, r1);
+      sq[i] = r0 * r0 + r1 * r1;
     }
-    const float A = a.mask_scale ? a.mask_scale[k * O + o] : a.base_scale[o];
-    const float B = a.mask_shift ? a.mask_shift[k * O + o] : a.base_shift[o];
-    a.acc[k * O + o] +=
-        double(sum_sq(relu16(A * (w0 - d0) + B) - b0, relu16(A * (w1 - d1) + B) - b1, n));
+    float sums[4];
+    sum4x16(sq[0], sq[1], sq[2], sq[3], sums);
+    for (int i = 0; i < 4 && kk + i < kn; ++i) {
+      const int64_t k = k0 + kk + i;
+      if (!cx.mp->removes[size_t(k)]) continue;  // keeps every channel: exactly zero damage
+      a.acc[k * O + o] += relu ? double(sums[i]) : double(s2) * double(sums[i]);
+    }
   }
 }
 
-// Chan et al.'s merge of a block of nb values (mean mb, centred sum of squares m2b) into a
-// running {mean, M2} of na values.
-AOFP_INLINE void merge_moments(double* mean, double* m2, double na, double nb, double mb,
-                               double m2b) {
-  const double nt = na + nb, delta = mb - *mean;
-  *mean += delta * nb / nt;
-  *m2 += m2b + delta * delta * na * nb / nt;
+// BnStats for masks [k0, k0 + kn): the tile's sums (its n valid positions; w holds y), four
+// masks at a time. The output's first tile sets the masks' shifts first.
+AOFP_INLINE void stats_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn, int64_t n,
+                                bool first, const float* __restrict w,
+                                const float* __restrict d) {
+  Stats& st = *cx.stats;
+  const int64_t O = cx.p->g.O;
+  const float sy = st.yshift[size_t(o)];
+  const Lanes ln(n);
+  const v16f f0 = keep(ln.v0, load16(w) - sy), f1 = keep(ln.v1, load16(w + 16) - sy);
+  if (first) {
+    float f[kLanes];
+    std::memcpy(f, &f0, sizeof(v16f));
+    std::memcpy(f + 16, &f1, sizeof(v16f));
+    for (int64_t kk = 0; kk < kn; ++kk) {
+      const float* dk = d + kk * kLanes;
+      float* sh = st.shift.data() + ((k0 + kk) * O + o) * 2;
+      float s1 = 0.f, s2 = 0.f;
+      for (int64_t j = 0; j < n; ++j) s1 += dk[j];
+      sh[0] = s1 / float(n);
+      for (int64_t j = 0; j < n; ++j) s2 += f[j] - (dk[j] - sh[0]);
+      sh[1] = s2 / float(n);
+    }
+  }
+  for (int64_t kk = 0; kk < kn; kk += 4) {
+    v16f r[5][4];
+    for (int i = 0; i < 4; ++i) {
+      const int64_t k = std::min(k0 + kk + i, k0 + kn - 1);  // past the last: a repeat, unused
+      const float* sh = st.shift.data() + (k * O + o) * 2;
+      const float* dk = d + (kk + i) * kLanes;
+      const v16f a0 = keep(ln.v0, load16(dk) - sh[0]), a1 = keep(ln.v1, load16(dk + 16) - sh[0]);
+      const v16f b0 = keep(ln.v0, f0 - a0 - sh[1]), b1 = keep(ln.v1, f1 - a1 - sh[1]);
+      r[0][i] = a0 + a1;
+      r[1][i] = a0 * a0 + a1 * a1;
+      r[2][i] = f0 * a0 + f1 * a1;
+      r[3][i] = b0 + b1;
+      r[4][i] = b0 * b0 + b1 * b1;
+    }
+    float sums[5][4];
+    for (int m = 0; m < 5; ++m) sum4x16(r[m][0], r[m][1], r[m][2], r[m][3], sums[m]);
+    for (int i = 0; i < 4 && kk + i < kn; ++i) {
+      const int64_t k = k0 + kk + i;
+      if (!cx.mp->removes[size_t(k)]) continue;
+      double* sm = st.sums.data() + (k * O + o) * 5;
+      for (int m = 0; m < 5; ++m) sm[m] += double(sums[m][i]);
+    }
+  }
 }
 
-// BnStats: the row's centred sums of d, of (y, d) and of y - d for masks [k0, k0 + kn), merged
-// into acc[(k, o), 0..3]; y's row has mean my and is w. na positions were merged before.
-AOFP_INLINE void stats_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn, int64_t n,
-                                const float* __restrict w, float my, double na,
-                                const float* __restrict d) {
-  const int64_t O = cx.p->g.O;
-  const double nb = double(n), nt = na + nb, f = na * nb / nt;
-  const double du = double(my) - cx.a->ystat[2 * o];
-  float fr[kLanes], dr[kLanes];
-  for (int64_t j = 0; j < n; ++j) fr[j] = w[j] - my;
-  for (int64_t kk = 0; kk < kn; ++kk) {
-    const int64_t k = k0 + kk;
-    if (!cx.mp->removes[size_t(k)]) continue;
-    std::memcpy(dr, d + kk * kLanes, sizeof(dr));
-    float sd = 0.f;
-    for (int64_t j = 0; j < n; ++j) sd += dr[j];
-    const float md = sd / float(n);
-    float m2d = 0.f, cud = 0.f, m2v = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
-      const float e = dr[j] - md, v = fr[j] - e;
-      m2d += e * e;
-      cud += fr[j] * e;
-      m2v += v * v;
+// BnStats: y's own shifted sums over the tile (its shift set by the output's first tile).
+AOFP_INLINE void stats_of_y(Stats& st, int64_t o, int64_t n, bool first, const float* w) {
+  if (first) {
+    float s = 0.f;
+    for (int64_t j = 0; j < n; ++j) s += w[j];
+    st.yshift[size_t(o)] = s / float(n);
+  }
+  const float sy = st.yshift[size_t(o)];
+  float f1 = 0.f, f2 = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    f1 += w[j] - sy;
+    f2 += (w[j] - sy) * (w[j] - sy);
+  }
+  st.ysums[size_t(2 * o)] += double(f1);
+  st.ysums[size_t(2 * o + 1)] += double(f2);
+}
+
+AOFP_INLINE double nonneg(double v) { return v < 0.0 ? 0.0 : v; }  // keeps NaN
+
+// The centred moments of MaskPassArgs (BnStats) from the shifted sums over P positions.
+void stats_moments(const Stats& st, int64_t K, int64_t O, int64_t P, double* acc,
+                   double* ystat) {
+  const double Pd = double(P);
+  for (int64_t o = 0; o < O; ++o) {
+    const double f1 = st.ysums[size_t(2 * o)], f2 = st.ysums[size_t(2 * o + 1)];
+    ystat[2 * o] = double(st.yshift[size_t(o)]) + f1 / Pd;
+    ystat[2 * o + 1] = nonneg(f2 - f1 * f1 / Pd);
+    for (int64_t k = 0; k < K; ++k) {
+      const double* sm = st.sums.data() + (k * O + o) * 5;
+      double* m = acc + (k * O + o) * 4;
+      m[0] = double(st.shift[size_t((k * O + o) * 2)]) + sm[0] / Pd;
+      m[1] = nonneg(sm[1] - sm[0] * sm[0] / Pd);
+      m[2] = sm[2] - f1 * sm[0] / Pd;
+      m[3] = nonneg(sm[4] - sm[3] * sm[3] / Pd);
     }
-    double* st = cx.a->acc + (k * O + o) * 4;
-    const double dd = double(md) - st[0], dv = du - dd;
-    st[0] += dd * nb / nt;
-    st[1] += double(m2d) + dd * dd * f;
-    st[2] += double(cud) + du * dd * f;
-    st[3] += double(m2v) + dv * dv * f;
   }
 }
 
@@ -344,16 +432,11 @@ AOFP_HOT void run_tile(const Ctx& cx, int64_t o0, int64_t no, int64_t j0, int64_
       }
     }
   }
-  const double na = double(cx.q0 + j0);  // BnStats: positions merged before this tile
+  const bool first = cx.q0 + j0 == 0;  // BnStats: the first tile of these outputs
   for (int64_t u = 0; u < no; ++u) {
     const int64_t o = o0 + u;
     const float* w = sc.w.data() + u * kLanes;
-    float my = 0.f, m2y = 0.f;  // BnStats: y's row mean and centred sum of squares
-    if (a.epilogue == Epilogue::BnStats) {
-      for (int64_t j = 0; j < n; ++j) my += w[j];
-      my /= float(n);
-      for (int64_t j = 0; j < n; ++j) m2y += (w[j] - my) * (w[j] - my);
-    }
+    if (a.epilogue == Epilogue::BnStats) stats_of_y(*cx.stats, o, n, first, w);
     for (int64_t k0 = 0; k0 < p.K; k0 += kMaskBlock) {
       const int64_t kn = std::min(kMaskBlock, p.K - k0);
       const v16f g0v = load16(sc.gone.data() + u * kLanes);
@@ -368,13 +451,9 @@ AOFP_HOT void run_tile(const Ctx& cx, int64_t o0, int64_t no, int64_t j0, int64_
         sum_masks(mp, sc.tab.data(), k0, kn, g0, g1, sc.d.data());
       }
       if (a.epilogue == Epilogue::BnStats)
-        stats_epilogue(cx, o, k0, kn, n, w, my, na, sc.d.data());
+        stats_epilogue(cx, o, k0, kn, n, first, w, sc.d.data());
       else
         damage_epilogue(cx, o, k0, kn, n, w, sc.base.data() + u * kLanes, sc.d.data());
-    }
-    if (a.epilogue == Epilogue::BnStats) {  // y's row joins its running moments (after the masks')
-      double* st = a.ystat + 2 * o;
-      merge_moments(st, st + 1, na, double(n), double(my), double(m2y));
     }
   }
 }
@@ -396,7 +475,14 @@ void mask_pass(const MaskedDamageParams& p, const MaskPassArgs& a, const Paralle
   AlignedFloats cols(size_t(per_col * ld));
   const int64_t n_tasks = ceil_div(O, kOutBlock);
   const std::vector<float> wp = pack_weights(p);
-  Ctx cx{&p, &a, &mp, wp.data(), cols.data(), ld, 0};
+  Stats stats;
+  if (a.epilogue == Epilogue::BnStats) {
+    stats.shift.assign(size_t(p.K * O * 2), 0.f);
+    stats.sums.assign(size_t(p.K * O * 5), 0.0);
+    stats.yshift.assign(size_t(O), 0.f);
+    stats.ysums.assign(size_t(O * 2), 0.0);
+  }
+  Ctx cx{&p, &a, &mp, wp.data(), cols.data(), ld, 0, &stats};
   PositionRange pr;
   for (int64_t q0 = 0; q0 < P; q0 += chunk) {
     const int64_t nq = std::min(chunk, P - q0);
@@ -420,6 +506,7 @@ void mask_pass(const MaskedDamageParams& p, const MaskPassArgs& a, const Paralle
       }
     });
   }
+  if (a.epilogue == Epilogue::BnStats) stats_moments(stats, p.K, O, P, a.acc, a.ystat);
 }
 
 }  // namespace cpu
