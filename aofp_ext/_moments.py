@@ -48,39 +48,39 @@ def _geometry(x, weight, stride, padding, dilation):
 
 
 def _bits(K: int, C: int) -> int:
-    """The fused kernel's subset-table width (csrc/kernels/masked_damage_cpu.cpp, choose_bits)."""
-    best, best_cost = 1, math.inf
-    for b in range(1, 9):
-        if b > 1 and (1 << (b - 1)) >= 2 * C:
-            break
-        groups = -(-C // b)
-        if b > 1 and groups * (1 << b) * 16 > (1 << 18):
-            break
-        cost = groups * (1 << b) + K * groups
-        if cost < best_cost:
-            best, best_cost = b, cost
-    return best
+    """The fused mask pass's subset-table width for K masks over C varying channels
+    (csrc/kernels/mask_pass_cpu.cpp, relu_bits and relu_cost: per group 2^b table rows in each
+    block of 128 masks and K/2 row loads, plus the partial sums once per chunk of groups)."""
+    def cost(b: int) -> float:
+        groups = -(-max(C, 1) // b)
+        chunk = max(1, 6144 // ((1 << b) * 32))
+        return groups * ((1 << b) * -(-K // 128) + 0.5 * K) + -(-groups // chunk) * K
+    return min((b for b in range(1, 7) if b == 1 or b <= C), key=cost)
 
 
 # Cost model: which exact path is cheaper (docs/kernels.md, "The cost model"). Seconds on one
 # thread, fitted (non-negative least squares on the relative error) to the measured times of
-# both paths at ResNet-56, ResNet-50, MobileNetV2 and plain-conv follower shapes, K = 4..256, on
-# the 2-core AMD EPYC (torch 2.13, CPU). Each coefficient multiplies a count of the work named:
+# both paths (BN on batch statistics, no ReLU) at ResNet-56, VGG, ResNet-50, MobileNetV2 and
+# LeNet follower shapes, K = 16..1024. Each coefficient multiplies a count of the work named:
 #
-# fused: a fixed cost per call; the contributions (O P C T multiply-adds), the subset tables
-#   (O P C 2^b / b), the mask rows (O P C K / b; b = the kernel's table width) and the pass over
-#   the input (C T P);
+# fused (the mask pass): a fixed cost per call; the contributions (O P C T multiply-adds), the
+#   subset tables (O P C 2^b / b per block of 128 masks), the mask rows (O P C K / b; b = the
+#   pass's table width), the epilogue (O P K) and the pass over the input (C T P);
 # moments: a fixed cost per call (about 40 torch calls); the copy of the input (C T P floats
 #   for the im2col matrix, about C P for the lag Gram of a stride-1 conv, plus its Python work
 #   per tap pair); the cheaper build of the moments (_build_cost, BLAS multiply-adds; the lag
 #   Gram's coefficients are taken from the im2col one's); the per-output Grams held in
 #   float64 (O C^2 entries, memory-bound: several passes); the mask forms (K O C^2, or K C^2 for
 #   none/affine, multiply-adds in one float32 GEMM).
-# Refitted 2026-12-02 by bench/cost_model.py (1 thread, 13 follower shapes x K = 16..1024,
-# bench/results/cost-model.md): 49 of 50 choices right, 2 % mean extra time.
-_FUSED_S = dict(call=2.9e-3, contrib=8.4e-11, tables=9.8e-11, masks=2.0e-10, cols=4.5e-10)
-_MOMENTS_S = dict(call=0.0, cols=7.3e-9, build=2.4e-11, grams=8.6e-9, forms=4.0e-11,
-                  pairs=1.6e-11)
+# Refitted 2026-12-03 by bench/cost_model.py after the mask pass replaced the tile kernel (Intel
+# Xeon with AVX-512, 1 thread, 13 follower shapes x K = 16..1024, the moments' build held at
+# 1e-11 s per multiply-add, this machine's GEMM rate, since it also picks the routes:
+# bench/results/cost-model.md): 50 of 52 choices right, 1 % mean extra time (the previous
+# coefficients, fitted to the tile kernel on the AMD machine: 42, 9 %).
+_FUSED_S = dict(call=8.0e-4, contrib=1.2e-11, tables=6.0e-11, masks=1.9e-11, epilogue=2.8e-10,
+                cols=2.6e-10)
+_MOMENTS_S = dict(call=0.0, cols=3.6e-9, build=1.0e-11, grams=3.8e-9, forms=1.6e-11,
+                  pairs=6.2e-12)
 
 
 def _threads(threads: int | None) -> int:
@@ -93,8 +93,10 @@ def fused_terms(C: int, O: int, T: int, P: int, K: int, threads: int | None = No
     kernel's work and its input pass divided by ``threads`` (default: torch's setting; the
     kernel splits its tiles over them)."""
     b, n = _bits(K, C), _threads(threads)
-    return dict(call=1.0, contrib=O * P * C * T / n, tables=O * P * C * (1 << b) / b / n,
-                masks=O * P * C * K / b / n, cols=C * T * P / n)
+    blocks = -(-K // 128)
+    return dict(call=1.0, contrib=O * P * C * T / n,
+                tables=O * P * C * (1 << b) / b * blocks / n, masks=O * P * C * K / b / n,
+                epilogue=O * P * K / n, cols=C * T * P / n)
 
 
 def fused_cost(C: int, O: int, T: int, P: int, K: int, threads: int | None = None) -> float:

@@ -104,14 +104,21 @@ def nnls_relative(terms: list[dict], times: list[float], fixed: list[float]) -> 
     return out
 
 
-def fit(rows: list[dict], threads: int) -> tuple[dict, dict]:
+def fit(rows: list[dict], threads: int, build: float | None = None) -> tuple[dict, dict]:
+    """Both paths' coefficients; ``build`` holds the moments' seconds per BLAS multiply-add at
+    that value (it also decides the routes to the moments, so it should stay a GEMM rate even
+    where the other terms could absorb it)."""
     both = [r for r in rows if "fused" in r]
     fused = nnls_relative([_moments.fused_terms(r["C"], r["O"], r["T"], r["P"], r["K"], threads)
                            for r in both], [r["fused"] for r in both], [0.0] * len(both))
     mom = [r for r in rows if "moments" in r]
     mt = [_moments.moments_terms(r["C"], r["O"], r["T"], r["P"], r["K"], True, threads, r["lag"])
           for r in mom]
-    moments = nnls_relative([m[0] for m in mt], [r["moments"] for r in mom], [m[1] for m in mt])
+    fixed = [m[1] + (build * m[0]["build"] if build is not None else 0.0) for m in mt]
+    terms = [dict(m[0], build=0.0) if build is not None else m[0] for m in mt]
+    moments = nnls_relative(terms, [r["moments"] for r in mom], fixed)
+    if build is not None:
+        moments["build"] = build
     return fused, moments
 
 
@@ -157,12 +164,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--budget", type=float, default=3.0,
                    help="seconds: a path slower than this is not timed at larger K")
+    p.add_argument("--build", type=float,
+                   help="hold the moments' seconds per BLAS multiply-add at this value")
     p.add_argument("--out", help="write the Markdown table here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     rows = measure(args.threads, args.repeats, args.budget, args.quiet)
     old = score(rows, args.threads)
-    fitted = fit(rows, args.threads)
+    fitted = fit(rows, args.threads, args.build)
     _moments._FUSED_S.update(fitted[0])
     _moments._MOMENTS_S.update(fitted[1])
     new = score(rows, args.threads)

@@ -523,10 +523,11 @@ def test_cost_model_choices_are_sane(threads):
     kernels.md): ResNet-56 followers (3x3, C = O = 16/32/64, batch 64) on the moments path from
     K = 256; a bottleneck conv3 (1x1, 64 -> 256, 16x16, batch 32) on it at every K; the widest
     MobileNetV2 projection (1x1, 960 -> 320, 2x2, batch 64) on the fused pass at every K; a
-    ResNet-50 conv3 at 4x4 (256 -> 1024, batch 32) on the moments path (measured 2026-12-02,
-    bench/results/cost-model.md, 1 thread: 0.05 / 0.18 / 3.7 s against 0.17 / 0.46 / 5.6 s at
-    K = 16 / 64 / 1024; at K = 256 a near tie, 1.05 s against 1.21 s); the moments path's cost
-    nearly flat in K where it is chosen."""
+    ResNet-50 conv3 at 4x4 (256 -> 1024, batch 32) on the moments path at small K and on the
+    fused mask pass at large K (measured 2026-12-03, bench/results/cost-model.md, 1 thread:
+    moments 0.023 / 0.33 / 1.6 s against fused 0.040 / 0.26 / 1.3 s at K = 16 / 256 / 1024;
+    at K = 64 a near tie, 0.070 s against 0.080 s); the moments path's cost nearly flat in K
+    where it is chosen."""
     choose = _moments.choose
     for C, hw in ((16, 32), (32, 16), (64, 8)):
         P = 64 * hw * hw
@@ -538,20 +539,26 @@ def test_cost_model_choices_are_sane(threads):
     for K in (1, 4, 16, 64, 256, 1024):
         assert choose(64, 256, 1, 32 * 16 * 16, K, True, threads) == "moments"
         assert choose(960, 320, 1, 64 * 2 * 2, K, True, threads) == "fused"
-        if K != 256:      # a near tie there
-            assert choose(256, 1024, 1, 32 * 4 * 4, K, True, threads) == "moments"
+        if K != 64:       # a near tie there
+            want = "moments" if K <= 16 else "fused"
+            assert choose(256, 1024, 1, 32 * 4 * 4, K, True, threads) == want
     # batch + relu: the statistics from the moments, then one pass, where positions are many
-    # against the channels (measured 2026-12-02, 1 thread, batch 32, against the fused kernel's
-    # two passes: 64 at 16x16, 1.9x / 1.6x faster at K = 64 / 256; 128 at 8x8, 1.9x at K = 256,
-    # a tie at K = 64); the fused kernel where the map is small (256 at 4x4: 2x faster; 512 at
-    # 2x2: 25x)
-    # (since the moments path's kernels, 2026-12-02: 256 at 4x4 is a near tie from K = 256,
-    # moments 0.29 s against one fused pass's 0.33 s, so only K = 64 is asserted there)
+    # against the channels; the fused BnStats pass where the map is small (measured 2026-12-03,
+    # 1 thread, batch 32, K = 64, moments + one pass against the mask pass's two: 64 at 16x16
+    # 40 against 58 ms; 256 at 4x4 120 against 49 ms; 512 at 2x2 1.26 s against 54 ms)
+    # (as masked_damage asks: with the lag route of these stride-1 3x3 convs)
+    def lag(C, hw):
+        return _moments.lag_shape(torch.empty(32, C, hw, hw, device="meta"),
+                                  torch.empty(C, C, 3, 3, device="meta"), (1, 1), (1, 1), (1, 1))
+
     for K in (64, 256):
-        assert choose(64, 64, 9, 32 * 16 * 16, K, True, threads, relu=True) == "moments"
-        assert choose(512, 512, 9, 32 * 2 * 2, K, True, threads, relu=True) == "fused"
-    assert choose(256, 256, 9, 32 * 4 * 4, 64, True, threads, relu=True) == "fused"
-    assert choose(128, 128, 9, 32 * 8 * 8, 256, True, threads, relu=True) == "moments"
+        assert choose(64, 64, 9, 32 * 16 * 16, K, True, threads, lag(64, 16),
+                      relu=True) == "moments"
+        assert choose(512, 512, 9, 32 * 2 * 2, K, True, threads, lag(512, 2),
+                      relu=True) == "fused"
+    assert choose(256, 256, 9, 32 * 4 * 4, 64, True, threads, lag(256, 4), relu=True) == "fused"
+    assert choose(128, 128, 9, 32 * 8 * 8, 256, True, threads, lag(128, 8),
+                  relu=True) == "moments"
     # the bulk of both predictions runs on torch's threads; the per-call cost does not
     f1, f2 = (_moments.fused_cost(32, 32, 9, 16384, 64, t) for t in (threads, 2 * threads))
     assert f2 < f1 < 2 * f2
