@@ -87,21 +87,25 @@ def _threads(threads: int | None) -> int:
     return max(1, int(threads if threads is not None else torch.get_num_threads()))
 
 
-def fused_terms(C: int, O: int, T: int, P: int, K: int, threads: int | None = None
-                ) -> dict[str, float]:
-    """The fused tile pass's counted work, one entry per coefficient of ``_FUSED_S``: the
+def fused_terms(C: int, O: int, T: int, P: int, K: int, threads: int | None = None,
+                varying: int | None = None) -> dict[str, float]:
+    """The fused mask pass's counted work, one entry per coefficient of ``_FUSED_S``: the
     kernel's work and its input pass divided by ``threads`` (default: torch's setting; the
-    kernel splits its tiles over them)."""
-    b, n = _bits(K, C), _threads(threads)
+    kernel splits its tiles over them). ``varying``: the channels that some but not all masks
+    remove (default ``C``); only they enter the subset tables and the mask sums (the search's
+    later steps vary a shrinking part of each layer)."""
+    cv = C if varying is None else varying
+    b, n = _bits(K, cv), _threads(threads)
     blocks = -(-K // 128)
     return dict(call=1.0, contrib=O * P * C * T / n,
-                tables=O * P * C * (1 << b) / b * blocks / n, masks=O * P * C * K / b / n,
+                tables=O * P * cv * (1 << b) / b * blocks / n, masks=O * P * cv * K / b / n,
                 epilogue=O * P * K / n, cols=C * T * P / n)
 
 
-def fused_cost(C: int, O: int, T: int, P: int, K: int, threads: int | None = None) -> float:
-    """Predicted seconds of the fused tile pass."""
-    return sum(_FUSED_S[k] * v for k, v in fused_terms(C, O, T, P, K, threads).items())
+def fused_cost(C: int, O: int, T: int, P: int, K: int, threads: int | None = None,
+               varying: int | None = None) -> float:
+    """Predicted seconds of the fused mask pass."""
+    return sum(_FUSED_S[k] * v for k, v in fused_terms(C, O, T, P, K, threads, varying).items())
 
 
 def moments_terms(C: int, O: int, T: int, P: int, K: int, batch: bool,
@@ -136,28 +140,26 @@ def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
 
 
 def fused_batch_relu_cost(C: int, O: int, T: int, P: int, K: int,
-                          threads: int | None = None) -> float:
-    """Predicted seconds of the fused kernel at norm="batch", post="relu": one pass for every
-    mask's BN statistics (and the output's), one for the clipped damage, each about a full tile
-    pass."""
-    return 2 * fused_cost(C, O, T, P, K, threads)
+                          threads: int | None = None, varying: int | None = None) -> float:
+    """Predicted seconds of the fused kernel at norm="batch", post="relu": one mask pass for
+    every mask's BN statistics (and the output's), one for the clipped damage."""
+    return 2 * fused_cost(C, O, T, P, K, threads, varying)
 
 
 def choose(C: int, O: int, T: int, P: int, K: int, batch: bool,
            threads: int | None = None, lag: tuple[int, int, int] | None = None,
-           relu: bool = False) -> str:
+           relu: bool = False, varying: int | None = None) -> str:
     """``"moments"`` or ``"fused"``: the path the cost model predicts to be faster. ``relu``
     (with ``batch``): the moments give every mask's BN statistics and one fused ReLU pass
-    prices them, against the fused kernel's two passes."""
+    prices them, against the fused kernel's two passes. ``varying``: as for
+    :func:`fused_terms` (the CPU mask pass's work; default ``C``)."""
+    fused = fused_cost(C, O, T, P, K, threads, varying)
     if relu:
         if not batch:
             raise ValueError("choose: relu=True applies to batch=True (norm='batch') only")
-        hybrid = moments_cost(C, O, T, P, K, True, threads, lag) + fused_cost(C, O, T, P, K,
-                                                                              threads)
-        return "moments" if hybrid < fused_batch_relu_cost(C, O, T, P, K, threads) else "fused"
-    if moments_cost(C, O, T, P, K, batch, threads, lag) < fused_cost(C, O, T, P, K, threads):
-        return "moments"
-    return "fused"
+        hybrid = moments_cost(C, O, T, P, K, True, threads, lag) + fused
+        return "moments" if hybrid < 2 * fused else "fused"
+    return "moments" if moments_cost(C, O, T, P, K, batch, threads, lag) < fused else "fused"
 
 
 # Relative rates inside the build (units of a float32 BLAS GEMM multiply-add): float64 work at

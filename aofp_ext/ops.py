@@ -188,8 +188,12 @@ def _use_moments(x, weight, masks, args, forced: bool) -> bool:
     if forced:
         return True
     lag = _moments.lag_shape(x, weight, args["stride"], args["padding"], args["dilation"])
+    varying = None
+    if masks.device.type == "cpu":   # the CPU mask pass tabulates only these channels
+        removed = (masks == 0).sum(0)
+        varying = int(((removed > 0) & (removed < K)).sum())
     return _moments.choose(C, O, T, P, K, args["norm"] == "batch", lag=lag,
-                           relu=args["post"] == "relu") == "moments"
+                           relu=args["post"] == "relu", varying=varying) == "moments"
 
 
 def _masked_damage_moments(x, weight, masks, args) -> torch.Tensor:

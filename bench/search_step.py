@@ -4,7 +4,11 @@ For each model and number of masks K: the median of a few plain training steps (
 backward, SGD step; the optimizer prune() builds) and the median of a few AOFP search steps of
 ``prune()`` on the same model, batch, threads and device, with every target active from the
 first step (``warmup_iters=0``, ``iters_per_half=1``, ``thresh=0``: nothing is ever pruned, so
-every step prices every target). The search step is split into its parts by timing wrappers
+every step prices every target). With ``iters_per_half=1`` every layer halves its search space
+after each step, so the timed steps (after a warm-up step) draw masks over a half, a quarter
+and an eighth of each layer; the fused mask pass's work grows with the channels the masks vary
+(the moments path's does not), so ``--full-space`` times steps whose masks vary over every
+channel (``iters_per_half`` past the run: the first step's cost, the worst case). The search step is split into its parts by timing wrappers
 installed around prune()'s own functions (nothing in aofp_ext is edited): capture (the
 consumers' forward hooks: input capture and ``||Y_base||^2``), pricing (``pricing.price`` /
 ``pricing.price_parts``),
@@ -195,8 +199,8 @@ def plain_steps(model: nn.Module, data, device: str, steps: int) -> list[float]:
     return times[1:]
 
 
-def search_steps(model: nn.Module, data, device: str, steps: int, K: int
-                 ) -> tuple[list[float], dict[str, float], int]:
+def search_steps(model: nn.Module, data, device: str, steps: int, K: int,
+                 full_space: bool = False) -> tuple[list[float], dict[str, float], int]:
     """Times of ``steps`` search steps (after one warm-up step) and the parts' medians."""
     stamps: list[float] = []
     per_step: list[dict[str, float]] = []
@@ -216,7 +220,8 @@ def search_steps(model: nn.Module, data, device: str, steps: int, K: int
 
     with patched(parts):
         pruner.prune(model, data, example_inputs=data[0][0][:1], target_flops=0.9,
-                     masks_per_step=K, thresh=0.0, iters_per_half=1, warmup_iters=0,
+                     masks_per_step=K, thresh=0.0,
+                     iters_per_half=steps + 3 if full_space else 1, warmup_iters=0,
                      max_steps=steps + 2, device=device, progress=False, callback=count,
                      latency=False)
     times = [b - a for a, b in zip(stamps, stamps[1:])][1:]     # drop the warm-up step
@@ -232,11 +237,11 @@ def search_steps(model: nn.Module, data, device: str, steps: int, K: int
 # --------------------------------------------------------------------------------------------
 
 
-def one_round(base: nn.Module, data, device: str, steps: int, K: int):
+def one_round(base: nn.Module, data, device: str, steps: int, K: int, full_space: bool):
     """(plain step, search step, the search step's parts, targets): medians of one plain run
     and the search run right after it."""
     plain = statistics.median(plain_steps(copy.deepcopy(base), data, device, steps))
-    times, parts, n_t = search_steps(copy.deepcopy(base), data, device, steps, K)
+    times, parts, n_t = search_steps(copy.deepcopy(base), data, device, steps, K, full_space)
     return plain, statistics.median(times), parts, n_t
 
 
@@ -256,8 +261,12 @@ def loadavg() -> str:
         return "n/a"
 
 
-def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wall: float
-             ) -> str:
+def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wall: float,
+             full_space: bool = False) -> str:
+    space = ("iters_per_half past the run, so every timed step's masks vary over every channel "
+             "of every layer" if full_space else
+             "iters_per_half=1, so each layer's search space halves after every step and the "
+             "timed steps' masks vary over a half to an eighth of it")
     lines = [
         "# The AOFP search step against a plain training step",
         "",
@@ -267,8 +276,8 @@ def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wa
         f"- command: `python bench/search_step.py {' '.join(argv)}` ({wall:.0f} s)",
         "- plain step: forward + backward + SGD step (prune()'s optimizer), timed right before "
         "each row's search steps; search step: one "
-        "step of `prune()` with every target active (iters_per_half=1, thresh=0, "
-        "warmup_iters=0); medians of the timed steps, side by side in one process, same "
+        f"step of `prune()` with every target active (thresh=0, warmup_iters=0; {space}); "
+        "medians of the timed steps after a warm-up step, side by side in one process, same "
         "model, batch, threads. Parts of the search step (medians): capture = the consumers' "
         "forward hooks, pricing = `pricing.price` for every target, decision = "
         "`LayerSearch.draw/record/end_step`; fwd+bwd = the rest. With `--rounds R` the plain "
@@ -291,7 +300,7 @@ def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wa
             f"{r['plain_s']:.3f} s | {s:.3f} s | **{r['ratio']:.2f}x**{spread} | {rest:.0f} % | "
             f"{pct['capture']:.0f} % | {pct['pricing']:.0f} % | {pct['decision']:.0f} % |")
     if fused:
-        lines += ["", "The same search step with every attempt priced by the fused tile pass "
+        lines += ["", "The same search step with every attempt priced by the fused mask pass "
                   "(`ops.masked_damage(method=\"fused\")`, the moments path off), in the same "
                   "run:", "",
                   "| model | K | search step, moments path on | pricing | search step, fused "
@@ -321,9 +330,13 @@ def main(argv: list[str] | None = None) -> int:
                         "the median ratio with its range (a shared machine's load drifts)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's setting); stated in the file")
+    p.add_argument("--full-space", action="store_true",
+                   help="time steps whose masks vary over every channel of every layer (no "
+                        "layer halves its search space during the run): the first step's "
+                        "cost, the worst case for the fused mask pass")
     p.add_argument("--compare-fused", action="store_true",
                    help="also time the search step with every attempt priced by the fused "
-                        "tile pass (the moments path off): the gain of the moments path")
+                        "mask pass (the moments path off): the gain of the moments path")
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error(f"--rounds must be at least 1, got {a.rounds}")
@@ -349,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         base = spec.make().to(a.device)
         data = batches(spec, a.device, 4)
         for K in ks:    # the plain step right before each search run: both see the same load
-            rounds = [one_round(base, data, a.device, steps, K) for _ in range(a.rounds)]
+            rounds = [one_round(base, data, a.device, steps, K, a.full_space)
+                      for _ in range(a.rounds)]
             plain = statistics.median(r[0] for r in rounds)
             s = statistics.median(r[1] for r in rounds)
             ratios = [r[1] / r[0] for r in rounds]
@@ -360,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                        parts=parts, steps=steps, load=loadavg())
             if a.compare_fused:
                 with fused_only():
-                    ft, fparts, _ = search_steps(copy.deepcopy(base), data, a.device, steps, K)
+                    ft, fparts, _ = search_steps(copy.deepcopy(base), data, a.device, steps, K,
+                                                 a.full_space)
                 row["fused_search_s"] = statistics.median(ft)
                 row["fused_pricing_s"] = fparts["pricing"]
             rows.append(row)
@@ -368,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"ratio {row['ratio']:.2f}x  " + "  ".join(f"{k} {v:.3f}" for k, v in
                                                           parts.items()), flush=True)
     wall = time.perf_counter() - t_start
-    md = markdown(rows, argv, a.device, load_start, wall)
+    md = markdown(rows, argv, a.device, load_start, wall, a.full_space)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(md)
