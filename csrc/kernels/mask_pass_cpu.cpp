@@ -235,21 +235,51 @@ AOFP_INLINE void tile_contributions(const Ctx& cx, const float* __restrict wp, i
   }
 }
 
+// One group's subset sums with NB = b bits known at compile time: per half tile the NB rows of
+// z in registers, every entry formed in registers from a smaller one and stored once (the
+// generic loop below reloads each entry it adds to).
+template <int NB>
+AOFP_INLINE void group_table(const float* __restrict z, float* __restrict tg) {
+  constexpr int E = 1 << NB;
+  constexpr int64_t zs = kOutBlock * kLanes;  // from one varying channel's row to the next
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    v16f zz[NB], t[E];
+#pragma GCC unroll 8
+    for (int i = 0; i < NB; ++i) zz[i] = load16(z + i * zs + 16 * h);
+#pragma GCC unroll 64
+    for (int s = 1; s < E; ++s) {
+      const int low = s & (s - 1);
+      t[s] = low == 0 ? zz[__builtin_ctz(s)] : t[low] + zz[__builtin_ctz(s)];
+      std::memcpy(tg + s * kLanes + 16 * h, &t[s], sizeof(v16f));
+    }
+  }
+}
+
 // Subset sums of output u's varying contributions over groups [g0, g1): entry s of group g,
-// at tab[((g - g0) * 2^b + s) * kLanes], is the sum of z over the bits of s.
+// at tab[((g - g0) * 2^b + s) * kLanes], is the sum of z over the bits of s (entry 0 stays 0).
 AOFP_INLINE void build_tables(const MaskPlan& mp, const float* __restrict z, int u, int64_t g0,
                               int64_t g1, float* __restrict tab) {
   for (int64_t grp = g0; grp < g1; ++grp) {
     const int64_t v0 = grp * mp.bits, nb = std::min<int64_t>(mp.bits, mp.Cv - v0);
     float* tg = tab + (grp - g0) * mp.entries * kLanes;
-    for (int64_t s = 1; s < (int64_t(1) << nb); ++s) {
-      const int64_t low = s & (s - 1);
-      const int64_t bit = __builtin_ctzll(uint64_t(s));
-      const float* zr = z + ((v0 + bit) * kOutBlock + u) * kLanes;
-      const float* tl = tg + low * kLanes;  // entry 0 is zero
-      const v16f r0 = load16(tl) + load16(zr), r1 = load16(tl + 16) + load16(zr + 16);
-      std::memcpy(tg + s * kLanes, &r0, sizeof(v16f));
-      std::memcpy(tg + s * kLanes + 16, &r1, sizeof(v16f));
+    const float* zg = z + (v0 * kOutBlock + u) * kLanes;
+    if (nb == 4) {
+      group_table<4>(zg, tg);
+    } else if (nb == 3) {
+      group_table<3>(zg, tg);
+    } else if (nb == 2) {
+      group_table<2>(zg, tg);
+    } else {
+      for (int64_t s = 1; s < (int64_t(1) << nb); ++s) {
+        const int64_t low = s & (s - 1);
+        const int64_t bit = __builtin_ctzll(uint64_t(s));
+        const float* zr = z + ((v0 + bit) * kOutBlock + u) * kLanes;
+        const float* tl = tg + low * kLanes;
+        const v16f r0 = load16(tl) + load16(zr), r1 = load16(tl + 16) + load16(zr + 16);
+        std::memcpy(tg + s * kLanes, &r0, sizeof(v16f));
+        std::memcpy(tg + s * kLanes + 16, &r1, sizeof(v16f));
+      }
     }
   }
 }
