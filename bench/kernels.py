@@ -426,7 +426,7 @@ def write_markdown(path: str, cfg: Config, rows: list[dict], peaks: dict | None,
 
 # --------------------------------------------------------------------------------------------
 # The moments path (post="none" followers; batch + relu: the statistics from the moments, then
-# one ReLU pass): ops.masked_damage's automatic choice against the fused tile pass and the loop,
+# one ReLU pass): ops.masked_damage's automatic choice against the fused mask pass and the loop,
 # at large K. Separate from the table above (--moments).
 # --------------------------------------------------------------------------------------------
 
@@ -500,7 +500,7 @@ def write_moments(path: str, rows: list[dict], cmd: str, took: float, load0: str
         f"- machine: {machine()}; load average at the start {load0}",
         f"- command: `{cmd}` ({took:.0f} s)",
         "- columns: masks/s of `ops.masked_damage` (method auto: the path its cost model "
-        "chooses), of the fused tile pass (method=\"fused\"), of the loop of masked follower "
+        "chooses), of the fused mask pass (method=\"fused\"), of the loop of masked follower "
         "forwards, and the ratios to the loop. post=\"none\" followers (the moments path "
         "prices those) and batch+relu (the moments give every mask's BN statistics, one fused "
         "ReLU pass prices them: `ops.masked_relu_damage`); each mask drops floor(C/2) random "

@@ -5,8 +5,9 @@ backward, SGD step; the optimizer prune() builds) and the median of a few AOFP s
 ``prune()`` on the same model, batch, threads and device, with every target active from the
 first step (``warmup_iters=0``, ``iters_per_half=1``, ``thresh=0``: nothing is ever pruned, so
 every step prices every target). With ``iters_per_half=1`` every layer halves its search space
-after each step, so the timed steps (after a warm-up step) draw masks over a half, a quarter
-and an eighth of each layer; the fused mask pass's work grows with the channels the masks vary
+after each step, so the timed steps (the first two steps are not timed: a warm-up step and
+the step right after it) draw masks over a quarter, an eighth, ... of each layer; the fused
+mask pass's work grows with the channels the masks vary
 (the moments path's does not), so ``--full-space`` times steps whose masks vary over every
 channel (``iters_per_half`` past the run: the first step's cost, the worst case). The search step is split into its parts by timing wrappers
 installed around prune()'s own functions (nothing in aofp_ext is edited): capture (the
@@ -266,7 +267,9 @@ def markdown(rows: list[dict], argv: list[str], device: str, load_start: str, wa
     space = ("iters_per_half past the run, so every timed step's masks vary over every channel "
              "of every layer" if full_space else
              "iters_per_half=1, so each layer's search space halves after every step and the "
-             "timed steps' masks vary over a half to an eighth of it")
+             "timed steps' masks (after a warm-up step and one more) vary over a quarter of "
+             "each layer, then an eighth, and so on, back to the whole layer once its space is "
+             "down to 2 or 3 filters")
     lines = [
         "# The AOFP search step against a plain training step",
         "",

@@ -114,8 +114,8 @@ MaskPlan plan_masks(const uint8_t* masks, int64_t K, int64_t C) {
 // centred moments taken from these sums at the end (stats_moments) lose nothing to a large
 // mean (a test offsets the activations by 1000).
 struct Stats {
-  std::vector<float> shift;    // (K, O, 2): sd, sb
-  std::vector<double> sums;    // (K, O, 5): sum a, sum a^2, sum f a, sum b, sum b^2
+  std::vector<float> shift;    // (O, K, 2): sd, sb
+  std::vector<double> sums;    // (O, K, 5): sum a, sum a^2, sum f a, sum b, sum b^2
   std::vector<float> yshift;   // (O): sy
   std::vector<double> ysums;   // (O, 2): sum f, sum f^2
 };
@@ -129,6 +129,10 @@ struct Ctx {
   int64_t ld;
   int64_t q0;          // the chunk's first position
   Stats* stats;        // BnStats: the shifted sums (each task updates its own outputs')
+  // Output-major (O, K) copies, so an output's K entries are contiguous in the epilogues:
+  double* acc;         // Square / Relu: the damage sums
+  const float* A;      // Relu: the masks' slopes, or nullptr
+  const float* B;      // Relu: the masks' offsets, or nullptr
 };
 
 struct Scratch {             // rows of kLanes floats, each starting on a cache line
@@ -182,6 +186,14 @@ struct Lanes {
 AOFP_INLINE v16f keep(v16i m, v16f v) {  // v where m, else 0 (also where v is NaN)
   const v16f zero = {};
   return m ? v : zero;
+}
+
+// (K, O) -> (O, K).
+std::vector<float> transposed(const float* v, int64_t K, int64_t O) {
+  std::vector<float> t(size_t(K * O));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t o = 0; o < O; ++o) t[size_t(o * K + k)] = v[k * O + o];
+  return t;
 }
 
 // W[o, c, t] as wp[((o / 4 * C + c) * taps + t) * 4 + o % 4], zero past the last output.
@@ -324,7 +336,7 @@ AOFP_INLINE void damage_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t k
                                  const float* __restrict w, const float* __restrict base,
                                  const float* __restrict d) {
   const MaskPassArgs& a = *cx.a;
-  const int64_t O = cx.p->g.O;
+  const int64_t K = cx.p->K;
   const bool relu = a.epilogue == Epilogue::Relu;
   const float s2 = a.base_scale ? a.base_scale[o] * a.base_scale[o] : 1.f;
   const Lanes ln(n);
@@ -335,8 +347,8 @@ AOFP_INLINE void damage_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t k
       const int64_t k = std::min(k0 + kk + i, k0 + kn - 1);  // past the last: a repeat, unused
       v16f r0 = load16(d + (kk + i) * kLanes), r1 = load16(d + (kk + i) * kLanes + 16);
       if (relu) {
-        const float A = a.mask_scale ? a.mask_scale[k * O + o] : a.base_scale[o];
-        const float B = a.mask_shift ? a.mask_shift[k * O + o] : a.base_shift[o];
+        const float A = cx.A ? cx.A[o * K + k] : a.base_scale[o];
+        const float B = cx.B ? cx.B[o * K + k] : a.base_shift[o];
         r0 = relu16(A * (w0 - r0) + B) - b0;
         r1 = relu16(A * (w1 - r1) + B) - b1;
       }
@@ -349,7 +361,7 @@ AOFP_INLINE void damage_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t k
     for (int i = 0; i < 4 && kk + i < kn; ++i) {
       const int64_t k = k0 + kk + i;
       if (!cx.mp->removes[size_t(k)]) continue;  // keeps every channel: exactly zero damage
-      a.acc[k * O + o] += relu ? double(sums[i]) : double(s2) * double(sums[i]);
+      cx.acc[o * K + k] += relu ? double(sums[i]) : double(s2) * double(sums[i]);
     }
   }
 }
@@ -360,7 +372,7 @@ AOFP_INLINE void stats_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn
                                 bool first, const float* __restrict w,
                                 const float* __restrict d) {
   Stats& st = *cx.stats;
-  const int64_t O = cx.p->g.O;
+  const int64_t K = cx.p->K;
   const float sy = st.yshift[size_t(o)];
   const Lanes ln(n);
   const v16f f0 = keep(ln.v0, load16(w) - sy), f1 = keep(ln.v1, load16(w + 16) - sy);
@@ -370,7 +382,7 @@ AOFP_INLINE void stats_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn
     std::memcpy(f + 16, &f1, sizeof(v16f));
     for (int64_t kk = 0; kk < kn; ++kk) {
       const float* dk = d + kk * kLanes;
-      float* sh = st.shift.data() + ((k0 + kk) * O + o) * 2;
+      float* sh = st.shift.data() + (o * K + k0 + kk) * 2;
       float s1 = 0.f, s2 = 0.f;
       for (int64_t j = 0; j < n; ++j) s1 += dk[j];
       sh[0] = s1 / float(n);
@@ -382,7 +394,7 @@ AOFP_INLINE void stats_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn
     v16f r[5][4];
     for (int i = 0; i < 4; ++i) {
       const int64_t k = std::min(k0 + kk + i, k0 + kn - 1);  // past the last: a repeat, unused
-      const float* sh = st.shift.data() + (k * O + o) * 2;
+      const float* sh = st.shift.data() + (o * K + k) * 2;
       const float* dk = d + (kk + i) * kLanes;
       const v16f a0 = keep(ln.v0, load16(dk) - sh[0]), a1 = keep(ln.v1, load16(dk + 16) - sh[0]);
       const v16f b0 = keep(ln.v0, f0 - a0 - sh[1]), b1 = keep(ln.v1, f1 - a1 - sh[1]);
@@ -397,7 +409,7 @@ AOFP_INLINE void stats_epilogue(const Ctx& cx, int64_t o, int64_t k0, int64_t kn
     for (int i = 0; i < 4 && kk + i < kn; ++i) {
       const int64_t k = k0 + kk + i;
       if (!cx.mp->removes[size_t(k)]) continue;
-      double* sm = st.sums.data() + (k * O + o) * 5;
+      double* sm = st.sums.data() + (o * K + k) * 5;
       for (int m = 0; m < 5; ++m) sm[m] += double(sums[m][i]);
     }
   }
@@ -431,9 +443,9 @@ void stats_moments(const Stats& st, int64_t K, int64_t O, int64_t P, double* acc
     ystat[2 * o] = double(st.yshift[size_t(o)]) + f1 / Pd;
     ystat[2 * o + 1] = nonneg(f2 - f1 * f1 / Pd);
     for (int64_t k = 0; k < K; ++k) {
-      const double* sm = st.sums.data() + (k * O + o) * 5;
+      const double* sm = st.sums.data() + (o * K + k) * 5;
       double* m = acc + (k * O + o) * 4;
-      m[0] = double(st.shift[size_t((k * O + o) * 2)]) + sm[0] / Pd;
+      m[0] = double(st.shift[size_t((o * K + k) * 2)]) + sm[0] / Pd;
       m[1] = nonneg(sm[1] - sm[0] * sm[0] / Pd);
       m[2] = sm[2] - f1 * sm[0] / Pd;
       m[3] = nonneg(sm[4] - sm[3] * sm[3] / Pd);
@@ -512,7 +524,19 @@ void mask_pass(const MaskedDamageParams& p, const MaskPassArgs& a, const Paralle
     stats.yshift.assign(size_t(O), 0.f);
     stats.ysums.assign(size_t(O * 2), 0.0);
   }
-  Ctx cx{&p, &a, &mp, wp.data(), cols.data(), ld, 0, &stats};
+  // Output-major copies of the (K, O) arrays the epilogues read and write per output.
+  const int64_t K = p.K;
+  std::vector<double> acc_ok;
+  std::vector<float> A_ok, B_ok;
+  if (a.epilogue != Epilogue::BnStats) acc_ok.assign(size_t(O * K), 0.0);
+  if (a.mask_scale) A_ok = transposed(a.mask_scale, K, O);
+  if (a.mask_shift) B_ok = transposed(a.mask_shift, K, O);
+  Ctx cx{&p,           &a,
+         &mp,          wp.data(),
+         cols.data(),  ld,
+         0,            &stats,
+         acc_ok.data(), a.mask_scale ? A_ok.data() : nullptr,
+         a.mask_shift ? B_ok.data() : nullptr};
   PositionRange pr;
   for (int64_t q0 = 0; q0 < P; q0 += chunk) {
     const int64_t nq = std::min(chunk, P - q0);
@@ -536,7 +560,12 @@ void mask_pass(const MaskedDamageParams& p, const MaskPassArgs& a, const Paralle
       }
     });
   }
-  if (a.epilogue == Epilogue::BnStats) stats_moments(stats, p.K, O, P, a.acc, a.ystat);
+  if (a.epilogue == Epilogue::BnStats) {
+    stats_moments(stats, K, O, P, a.acc, a.ystat);
+  } else {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t o = 0; o < O; ++o) a.acc[k * O + o] += acc_ok[size_t(o * K + k)];
+  }
 }
 
 }  // namespace cpu
