@@ -73,14 +73,14 @@ def _bits(K: int, C: int) -> int:
 #   float64 (O C^2 entries, memory-bound: several passes); the mask forms (K O C^2, or K C^2 for
 #   none/affine, multiply-adds in one float32 GEMM).
 # Refitted 2026-12-03 by bench/cost_model.py after the mask pass replaced the tile kernel (Intel
-# Xeon with AVX-512, 1 thread, 13 follower shapes x K = 16..1024, the moments' build held at
-# 1e-11 s per multiply-add, this machine's GEMM rate, since it also picks the routes:
-# bench/results/cost-model.md): 50 of 52 choices right, 1 % mean extra time (the previous
-# coefficients, fitted to the tile kernel on the AMD machine: 42, 9 %).
-_FUSED_S = dict(call=8.0e-4, contrib=1.2e-11, tables=6.0e-11, masks=1.9e-11, epilogue=2.8e-10,
-                cols=2.6e-10)
-_MOMENTS_S = dict(call=0.0, cols=3.6e-9, build=1.0e-11, grams=3.8e-9, forms=1.6e-11,
-                  pairs=6.2e-12)
+# Xeon with AVX-512, 1 thread, 13 follower shapes x K = 16..1024, bench/results/cost-model.md),
+# with the lag Gram's Python work per tap pair (_PAIR_S) re-measured: 49 of 52 choices right,
+# 1 % mean extra time (the previous coefficients, fitted to the tile kernel on the AMD machine:
+# 42, 9 %).
+_FUSED_S = dict(call=1.1e-3, contrib=1.8e-11, tables=5.1e-11, masks=2.0e-11, epilogue=3.5e-10,
+                cols=0.0)
+_MOMENTS_S = dict(call=0.0, cols=5.5e-9, build=1.4e-11, grams=4.0e-9, forms=1.7e-11,
+                  pairs=7.9e-12)
 
 
 def _threads(threads: int | None) -> int:
@@ -121,11 +121,12 @@ def moments_terms(C: int, O: int, T: int, P: int, K: int, batch: bool,
     # as K O C^2); none/affine: one C x C form per mask
     gemm_forms = batch and T == 1 and route == "sigma"
     grams = O * C * C if batch else C * C
-    # the BLAS products and the kernels run on every thread; the copies of the input and the
-    # passes over the held Grams are memory-bound and taken as not speeding up with threads (at
-    # 2 threads on the 2-core CPU they did not; more is not measured)
-    return dict(call=1.0, cols=copied, build=build / n,
-                grams=C * C if gemm_forms else grams,
+    # everything but the fixed per-call cost runs on every thread (on the Intel machine the
+    # copies of the input and the passes over the held Grams speed up with the second thread
+    # too: ResNet-56 32@16x16, batch + none, K = 64: 9.2 ms at 1 thread, 5.8 ms at 2; on the
+    # AMD machine of the first fits they had not)
+    return dict(call=1.0, cols=copied / n, build=build / n,
+                grams=(C * C if gemm_forms else grams) / n,
                 forms=K * grams / n if gemm_forms or not batch else 0.0,
                 pairs=0.0 if gemm_forms or not batch else K * grams / n), fixed
 
@@ -167,7 +168,9 @@ def choose(C: int, O: int, T: int, P: int, K: int, batch: bool,
 # (output_grams, T^2 + T multiply-adds per (c, d, o) in registers) at about half.
 _F64 = 4.0
 _CONTRACT = 2.0
-_PAIR_S = 1.5e-4    # seconds per tap pair of the lag Gram's Python work (strips, assembly)
+_PAIR_S = 2e-5      # seconds per tap pair of the lag Gram's Python work (strips, assembly): 0.8 ms
+                    # per call of 45 pairs measured 2026-12-03 on the Intel machine (1.5e-4 before the
+                    # strip indices were cached)
 
 
 def lag_shape(x, weight, stride, padding, dilation) -> tuple[int, int, int] | None:
