@@ -22,7 +22,6 @@ formed (no cancellation for inputs with a large common offset).
 from __future__ import annotations
 
 import functools
-import math
 import threading
 from typing import Iterator, NamedTuple
 
@@ -49,7 +48,7 @@ def _geometry(x, weight, stride, padding, dilation):
 
 def _bits(K: int, C: int) -> int:
     """The fused mask pass's subset-table width for K masks over C varying channels
-    (csrc/kernels/mask_pass_cpu.cpp, relu_bits and relu_cost: per group 2^b table rows in each
+    (csrc/kernels/mask_pass_cpu.cpp, table_bits and table_cost: per group 2^b table rows in each
     block of 128 masks and K/2 row loads, plus the partial sums once per chunk of groups)."""
     def cost(b: int) -> float:
         groups = -(-max(C, 1) // b)
@@ -140,20 +139,14 @@ def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
     return fixed + sum(_MOMENTS_S[k] * v for k, v in terms.items())
 
 
-def fused_batch_relu_cost(C: int, O: int, T: int, P: int, K: int,
-                          threads: int | None = None, varying: int | None = None) -> float:
-    """Predicted seconds of the fused kernel at norm="batch", post="relu": one mask pass for
-    every mask's BN statistics (and the output's), one for the clipped damage."""
-    return 2 * fused_cost(C, O, T, P, K, threads, varying)
-
-
 def choose(C: int, O: int, T: int, P: int, K: int, batch: bool,
            threads: int | None = None, lag: tuple[int, int, int] | None = None,
            relu: bool = False, varying: int | None = None) -> str:
     """``"moments"`` or ``"fused"``: the path the cost model predicts to be faster. ``relu``
     (with ``batch``): the moments give every mask's BN statistics and one fused ReLU pass
-    prices them, against the fused kernel's two passes. ``varying``: as for
-    :func:`fused_terms` (the CPU mask pass's work; default ``C``)."""
+    prices them, against the fused kernel's two mask passes (BN statistics, then the clipped
+    damage). ``varying``: as for :func:`fused_terms` (the CPU mask pass's work; default
+    ``C``)."""
     fused = fused_cost(C, O, T, P, K, threads, varying)
     if relu:
         if not batch:

@@ -52,7 +52,7 @@ struct MaskPlan {
 // Per output and tile, a group costs 2^b row stores for its table in each block of masks and
 // K row loads for the masks (two per cycle); each chunk of groups reads and writes the masks'
 // partial sums once.
-double relu_cost(int64_t K, int64_t Cv, int b) {
+double table_cost(int64_t K, int64_t Cv, int b) {
   const int64_t groups = ceil_div(std::max<int64_t>(Cv, 1), b);
   const int64_t chunk = std::max<int64_t>(1, kChunkFloats / ((int64_t(1) << b) * kLanes));
   return double(groups) * (double(int64_t(1) << b) * double(ceil_div(K, kMaskBlock)) +
@@ -60,11 +60,11 @@ double relu_cost(int64_t K, int64_t Cv, int b) {
          double(ceil_div(groups, chunk)) * double(K);
 }
 
-int relu_bits(int64_t K, int64_t Cv) {
+int table_bits(int64_t K, int64_t Cv) {
   int best = 1;
   double best_cost = std::numeric_limits<double>::infinity();
   for (int b = 1; b <= 6 && (b == 1 || b <= Cv); ++b) {
-    const double cost = relu_cost(K, Cv, b);
+    const double cost = table_cost(K, Cv, b);
     if (cost < best_cost) {
       best_cost = cost;
       best = b;
@@ -93,7 +93,7 @@ MaskPlan plan_masks(const uint8_t* masks, int64_t K, int64_t C) {
       mp.slot[size_t(c)] = int32_t(mp.Cv++);
     }
   }
-  mp.bits = relu_bits(K, mp.Cv);
+  mp.bits = table_bits(K, mp.Cv);
   mp.entries = int64_t(1) << mp.bits;
   mp.ngroups = ceil_div(mp.Cv, mp.bits);
   mp.chunk = std::max<int64_t>(1, kChunkFloats / (mp.entries * kLanes));
