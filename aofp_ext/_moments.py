@@ -108,17 +108,18 @@ def fused_cost(C: int, O: int, T: int, P: int, K: int, threads: int | None = Non
 
 
 def moments_terms(C: int, O: int, T: int, P: int, K: int, batch: bool,
-                  threads: int | None = None, lag: tuple[int, int, int] | None = None
-                  ) -> tuple[dict[str, float], float]:
+                  threads: int | None = None, lag: tuple[int, int, int] | None = None,
+                  held: bool = False) -> tuple[dict[str, float], float]:
     """The moments path's counted work, one entry per coefficient of ``_MOMENTS_S``, and its
-    fixed seconds (the lag Gram's Python work per tap pair)."""
+    fixed seconds (the lag Gram's Python work per tap pair). ``held``: the per-output Grams are
+    held and summed per mask even for a 1x1 follower (:mod:`aofp_ext._varying`)."""
     build, route, copied, fixed = _build_cost(C, O, T, P, per_output=batch, lag=lag)
     n = _threads(threads)
     # a 1x1 follower's batch forms read Sigma itself (one GEMM, no per-output Grams held,
     # _per_output_forms); other batch followers hold the (C, C, O) Grams and sum each mask's
     # pairs of them (gram_forms: |S|^2 / 2 adds per (mask, output), S the smaller set, counted
     # as K O C^2); none/affine: one C x C form per mask
-    gemm_forms = batch and T == 1 and route == "sigma"
+    gemm_forms = batch and T == 1 and route == "sigma" and not held
     grams = O * C * C if batch else C * C
     # everything but the fixed per-call cost runs on every thread (on the Intel machine the
     # copies of the input and the passes over the held Grams speed up with the second thread
@@ -131,11 +132,12 @@ def moments_terms(C: int, O: int, T: int, P: int, K: int, batch: bool,
 
 
 def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
-                 threads: int | None = None, lag: tuple[int, int, int] | None = None) -> float:
+                 threads: int | None = None, lag: tuple[int, int, int] | None = None,
+                 held: bool = False) -> float:
     """Predicted seconds of the moments path (``batch``: norm="batch", per-output moments;
     ``lag``: :func:`lag_shape` of a stride-1 conv, whose im2col Gram may come from lagged
     products)."""
-    terms, fixed = moments_terms(C, O, T, P, K, batch, threads, lag)
+    terms, fixed = moments_terms(C, O, T, P, K, batch, threads, lag, held)
     return fixed + sum(_MOMENTS_S[k] * v for k, v in terms.items())
 
 
@@ -680,16 +682,20 @@ def _per_output_forms(x, weight, stride, padding, dilation):
         return
     for o0, o1, g in per_output_grams(x, weight, stride, padding, dilation):  # (C, C, Oc)
         g32 = g.float()
-        if x.device.type == "cpu":
-            def form_of(s, g32=g32):
-                # the extension's op: |s|^2 adds per (mask, output) instead of C^2 multiply-adds
-                return torch.ops.aofp.gram_forms(g32, s.bool())
-        else:
-            def form_of(s, g32=g32.view(C, -1)):                        # (c, (d, o))
-                # one GEMM over every output channel of the block, then the dot with s over d
-                r = torch.mm(s, g32).view(s.shape[0], C, -1)           # (k, d, Oc)
-                return torch.bmm(s.unsqueeze(1), r).squeeze(1).double()
-        yield o0, o1, g.sum(dim=1).double().t(), form_of
+        yield o0, o1, g.sum(dim=1).double().t(), lambda s, g32=g32: gram_forms_of(g32, s)
+
+
+def gram_forms_of(g32: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``s_k^T g32[:, :, o] s_k`` ``(k, Oc)`` float64 for 0/1 rows ``s`` ``(k, C)`` and per-output
+    Grams ``g32`` ``(C, C, Oc)`` float32: on the CPU the extension's op (``|s|^2 / 2`` adds per
+    (mask, output) instead of ``C^2`` multiply-adds); elsewhere one GEMM over every output
+    channel of the block, then the dot with ``s`` over the second channel."""
+    if g32.device.type == "cpu":
+        return torch.ops.aofp.gram_forms(g32, s.bool())
+    C = g32.shape[0]
+    s = s.float()
+    r = torch.mm(s, g32.reshape(C, -1)).view(s.shape[0], C, -1)             # (k, d, Oc)
+    return torch.bmm(s.unsqueeze(1), r).squeeze(1).double()
 
 
 class _BatchForms(NamedTuple):
@@ -744,20 +750,23 @@ def _batch_forms(x, weight, masks, stride, padding, dilation) -> Iterator[_Batch
                               torch.where(small, lin, lin_o), torch.where(small, lin_o, lin))
 
 
-def batch_damage(x, weight, masks, stride, padding, dilation, scale, eps) -> torch.Tensor:
+def batch_damage(x, weight, masks, stride, padding, dilation, scale, eps, forms=None
+                 ) -> torch.Tensor:
     """``(K,)`` float64 damage of ``BN_batch(y_k) - BN_batch(y)`` (post none), summed over o.
 
     From :func:`_batch_forms`: the masked output has variance ``A / P``, so with
     ``a = g / sqrt(var_y + eps)``, ``a_k = g / sqrt(A/P + eps)`` the damage is
     ``|a_k v - a u|^2``, expanded as the fused kernel does: in ``S, <u, e>, B`` near the
     unmasked output (``|a_k| <= 2 |a|``), in ``A, <u, v>, S`` far from it; ``a_k - a`` is formed
-    from ``var_y - var_k`` directly.
+    from ``var_y - var_k`` directly. ``forms``: the same blocks from elsewhere (the varying
+    channels' moments, :func:`aofp_ext._varying.batch_forms`).
     """
     P = _geometry(x, weight, stride, padding, dilation)[3]
     gamma = scale.double().to(x.device)
     out = torch.zeros(masks.shape[0], dtype=torch.float64, device=x.device)
-    for o0, o1, k0, k1, S, A, B, XB, UV in _batch_forms(x, weight, masks, stride, padding,
-                                                         dilation):
+    if forms is None:
+        forms = _batch_forms(x, weight, masks, stride, padding, dilation)
+    for o0, o1, k0, k1, S, A, B, XB, UV in forms:
         var_y = S / P
         a = gamma[o0:o1] / torch.sqrt(var_y + eps)
         var_k = A / P
@@ -789,7 +798,8 @@ def _output_means(x, weight, stride, padding, dilation) -> torch.Tensor:
     return (weight.double().reshape(O, C, T) * colsum).sum(dim=2) / P
 
 
-def batch_relu_affine(x, weight, masks, bias, stride, padding, dilation, scale, shift, eps
+def batch_relu_affine(x, weight, masks, bias, stride, padding, dilation, scale, shift, eps,
+                      forms=None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchNorm on the batch statistics of every masked output, as the per-mask affine of
     ``ops.masked_relu_damage``: ``(mask_scale, mask_shift)`` ``(K, O)``, ``centre`` and the
@@ -799,7 +809,8 @@ def batch_relu_affine(x, weight, masks, bias, stride, padding, dilation, scale, 
     d_k + mean(d_k)``, so BN's output is ``a_k (y_k - centre) + a_k mean(d_k) + shift`` with
     ``a_k = scale / sqrt(var_k + eps)``: ``var_k = A / P`` from :func:`_batch_forms`, ``mean(d_k)
     = r_k . mu_o`` from the contributions' means. A mask that removes every channel leaves the
-    bias alone, of variance exactly 0: BN outputs ``shift`` (``a_k = 0``)."""
+    bias alone, of variance exactly 0: BN outputs ``shift`` (``a_k = 0``). ``forms``: as for
+    :func:`batch_damage`."""
     C, O, T, P = _geometry(x, weight, stride, padding, dilation)
     K = masks.shape[0]
     gamma, beta = scale.double().to(x.device), shift.double().to(x.device)
@@ -809,7 +820,9 @@ def batch_relu_affine(x, weight, masks, bias, stride, padding, dilation, scale, 
     all_drop = removed.sum(dim=1) == C
     mask_scale = torch.empty(K, O, dtype=torch.float64, device=x.device)
     base_scale = torch.empty(O, dtype=torch.float64, device=x.device)
-    for o0, o1, k0, k1, S, A, *_ in _batch_forms(x, weight, masks, stride, padding, dilation):
+    if forms is None:
+        forms = _batch_forms(x, weight, masks, stride, padding, dilation)
+    for o0, o1, k0, k1, S, A, *_ in forms:
         base_scale[o0:o1] = gamma[o0:o1] / torch.sqrt(S / P + eps)
         mask_scale[k0:k1, o0:o1] = gamma[o0:o1] / torch.sqrt(A / P + eps)
     mask_scale[all_drop] = 0.0

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _moments
+from . import _moments, _varying
 from ._loader import _C, require_C
 
 __all__ = [
@@ -121,6 +121,7 @@ def masked_damage(
     post: str = "none",
     method: str = "auto",
     groups: int = 1,
+    output: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Damage of each of K channel masks at a follower's output.
 
@@ -142,9 +143,16 @@ def masked_damage(
             ``torch.ops.aofp.masked_damage``) or ``"moments"`` (the moments of the channel
             contributions by BLAS, then every mask in closed form for ``post="none"``; for
             ``norm="batch", post="relu"`` on the CPU, every masked output's BN statistics from
-            the moments, then one pass of :func:`masked_relu_damage`).
+            the moments, then one pass of :func:`masked_relu_damage`; with ``norm="batch"`` on
+            the CPU the moments of only the channels the masks vary where that is cheaper).
         groups: a grouped conv follower (``weight`` ``(O, C / groups, kh, kw)``): priced conv
             group by conv group (each one's outputs read only its own inputs) and summed.
+        output: optional, the follower's unmasked output ``conv(x, weight) + bias`` as the
+            forward computed it, ``(N, O, Ho, Wo)`` (``(N, O)`` for a Linear). With
+            ``norm="batch"`` on the CPU, where the masks differ on a few channels only, the
+            moments path may then price those channels alone without a forward of its own
+            (docs/kernels.md, "The varying channels"); ignored elsewhere. It must be that
+            output: the damages are wrong otherwise.
 
     Returns:
         ``(K,)`` float32 (float64 accumulation inside); memory stays bounded for any K and N.
@@ -156,7 +164,8 @@ def masked_damage(
             d = masked_damage(x[:, si], weight[so], masks[:, si], bias=_part(bias, so),
                               stride=stride, padding=padding, dilation=dilation, norm=norm,
                               scale=_part(scale, so), shift=_part(shift, so), eps=eps, post=post,
-                              method=method).double()
+                              method=method, output=None if output is None else output[:, so]
+                              ).double()
             total = d if total is None else total + d
         return total.float()
     if method not in ("auto", "fused", "moments"):
@@ -174,43 +183,79 @@ def masked_damage(
             and not torch.compiler.is_compiling()):
         # every argument checked by the op itself (no mask is priced with K = 0)
         torch.ops.aofp.masked_damage(x, weight, masks[:0], **args)
-        if _use_moments(x, weight, masks, args, forced=method == "moments"):
-            return _masked_damage_moments(x, weight, masks, args)
+        _check_output(x, weight, output, args)
+        path = _path(x, weight, masks, args, method == "moments", output is not None)
+        if path != "fused":
+            return _masked_damage_moments(x, weight, masks, args, path, output)
     return torch.ops.aofp.masked_damage(x, weight, masks, **args)
 
 
-def _use_moments(x, weight, masks, args, forced: bool) -> bool:
+def _check_output(x, weight, output, args) -> None:
+    if output is None:
+        return
+    if x.dim() == 2:
+        want = (x.shape[0], weight.shape[0])
+    else:
+        (sh, sw), (ph, pw), (dh, dw) = args["stride"], args["padding"], args["dilation"]
+        kh, kw = weight.shape[2:]
+        want = (x.shape[0], weight.shape[0], (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != want:
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"masked_damage: output must be the follower's output, of shape "
+                         f"{want} here, got {got}")
+    if output.device != x.device or not output.is_floating_point():
+        raise ValueError(f"masked_damage: output must be a floating tensor on {x.device}, got "
+                         f"{output.dtype} on {output.device}")
+
+
+def _path(x, weight, masks, args, forced: bool, output: bool) -> str:
+    """``"fused"``, ``"moments"`` (every channel's moments) or ``"varying"`` (the moments of
+    the channels the masks vary only: norm="batch", CPU masks)."""
     C, O, T, P = _moments._geometry(x, weight, args["stride"], args["padding"],
                                     args["dilation"])
     K = masks.shape[0]
     if min(K, C, O, P) == 0:
-        return False   # nothing to price: the op returns its zeros
-    if forced:
-        return True
+        return "fused"   # nothing to price: the op returns its zeros
     lag = _moments.lag_shape(x, weight, args["stride"], args["padding"], args["dilation"])
-    varying = None
-    if masks.device.type == "cpu":   # the CPU mask pass tabulates only these channels
-        removed = (masks == 0).sum(0)
-        varying = int(((removed > 0) & (removed < K)).sum())
-    return _moments.choose(C, O, T, P, K, args["norm"] == "batch", lag=lag,
-                           relu=args["post"] == "relu", varying=varying) == "moments"
+    batch = args["norm"] == "batch"
+    if masks.device.type != "cpu":
+        if forced:
+            return "moments"
+        return _moments.choose(C, O, T, P, K, batch, lag=lag, relu=args["post"] == "relu")
+    # the CPU mask pass tabulates only the channels some but not all masks remove; the
+    # varying path prices only those too, and the gone channels that are not all 0 in x
+    removed = (masks == 0).sum(0)
+    varying = int(((removed > 0) & (removed < K)).sum())
+    gone = 0
+    if batch and varying:
+        gone_idx = (removed == K).nonzero()[:, 0]
+        gone = _varying._live(x, gone_idx.to(x.device)).numel() if gone_idx.numel() else 0
+    return _varying.choose(C, O, T, P, K, batch, forced, lag=lag, relu=args["post"] == "relu",
+                           varying=varying, gone=gone, output=output)
 
 
-def _masked_damage_moments(x, weight, masks, args) -> torch.Tensor:
+def _masked_damage_moments(x, weight, masks, args, path="moments", output=None
+                           ) -> torch.Tensor:
     if masks.dtype == torch.uint8 and bool((masks > 1).any()):
         raise RuntimeError("masked_damage: uint8 masks must hold only 0 and 1 (found a value > "
                            "1); use a bool tensor")
     geo = (args["stride"], args["padding"], args["dilation"])
     x32, w32 = x.float(), weight.float()
+    forms = None
+    if path == "varying":
+        forms = _varying.batch_forms(x32, w32, masks, *geo,
+                                     output=None if output is None else output.float())
     if args["post"] == "relu":       # norm="batch": the statistics here, then one ReLU pass
         mask_scale, mask_shift, centre, base_scale = _moments.batch_relu_affine(
-            x32, w32, masks, args["bias"], *geo, args["scale"], args["shift"], args["eps"])
+            x32, w32, masks, args["bias"], *geo, args["scale"], args["shift"], args["eps"],
+            forms)
         return torch.ops.aofp.masked_relu_damage(
             x, weight, masks, mask_scale.float(), mask_shift.float(), centre,
             base_scale.float(), args["shift"], bias=args["bias"], stride=args["stride"],
             padding=args["padding"], dilation=args["dilation"])
     if args["norm"] == "batch":
-        d = _moments.batch_damage(x32, w32, masks, *geo, args["scale"], args["eps"])
+        d = _moments.batch_damage(x32, w32, masks, *geo, args["scale"], args["eps"], forms)
     else:
         d = _moments.linear_damage(x32, w32, masks, *geo,
                                    args["scale"] if args["norm"] == "affine" else None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -28,7 +28,7 @@ from .flops import forward_macs, layer_macs
 from .graph import ChannelGroup, Inputs
 from .search import LayerSearch
 
-__all__ = ["Consumer", "Link", "Target", "find_follower", "consumer_for", "link", "price",
+__all__ = ["Call", "Consumer", "Link", "Target", "find_follower", "consumer_for", "link", "price",
            "price_parts", "price_single", "channel_variance", "follower_view", "is_linear",
            "PRICING", "MacsModel", "select_targets", "build_targets"]
 
@@ -62,6 +62,19 @@ def channel_variance(y: torch.Tensor) -> torch.Tensor:
     return (sq / positions - mean.square()).clamp_min_(0)
 
 
+class Call(NamedTuple):
+    """One captured forward of a consumer: its (base-masked) input, ``||f(Y_base)||^2`` and,
+    where BN runs on batch statistics, the output ``Y_base`` itself (the moments path may
+    price only the channels the masks vary from it: ``ops.masked_damage(output=)``)."""
+    x: torch.Tensor
+    norm2: torch.Tensor
+    y: torch.Tensor | None
+    y_version: int = 0     # y._version when captured: changed in place since, it is not used
+
+    def output(self) -> torch.Tensor | None:
+        return self.y if self.y is not None and self.y._version == self.y_version else None
+
+
 @dataclass(eq=False)
 class Consumer:
     """A conv/Linear that reads target channels: its base mask and what one step captured."""
@@ -74,7 +87,7 @@ class Consumer:
     post: str                       # "none" | "relu"
     keep: torch.Tensor | None = None   # (width,) float, the base masks at its input
     capture: bool = False
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (x, ||Y_base||^2)
+    calls: list[Call] = field(default_factory=list)
     _x: torch.Tensor | None = None
 
     def geometry(self) -> dict[str, Any]:
@@ -139,7 +152,9 @@ class Consumer:
     def post_hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if self.capture and self._x is not None:
             with torch.no_grad():
-                self.calls.append((self._x, self.output_norm2(out)))
+                y = out.detach() if self.norm == "batch" and out.dtype == torch.float32 else None
+                self.calls.append(Call(self._x, self.output_norm2(out), y,
+                                       0 if y is None else y._version))
             self._x = None
 
 
@@ -252,6 +267,22 @@ def follower_view(link: Link, x: torch.Tensor
     return x, w, {**geo, **groups}
 
 
+def output_view(link: Link, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The captured output ``y`` as :func:`follower_view` views the consumer (``x``: its
+    captured input): a Linear after ``flatten`` as a conv's ``(N, O, 1, 1)``, a Conv1d's with
+    width 1, a Linear over maps or tokens as one over every position."""
+    if y is None:
+        return None
+    m = link.consumer.module
+    if link.view_block > 1:
+        return y.reshape(x.shape[0], -1, 1, 1)
+    if isinstance(m, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    if isinstance(m, nn.Conv1d):
+        return y.unsqueeze(-1)
+    return y
+
+
 def price(target: Target, masks: torch.Tensor, *, parts: bool = False
           ) -> torch.Tensor | tuple[torch.Tensor, float]:
     """``t = sum damage / sum ||Y_base||^2`` over the target's consumers (and their calls).
@@ -293,7 +324,8 @@ def _price_on_device(target: Target, masks: torch.Tensor
         m = c.module
         bias = m.bias.detach() if m.bias is not None else None
         scale, shift, eps = c.norm_terms()
-        for x, b2 in c.calls:
+        for call in c.calls:
+            x, b2, y = call.x, call.norm2, call.output()
             xv, wv, kw = follower_view(link, x)
             full = torch.ones(masks.shape[0], xv.shape[1], dtype=torch.bool, device=x.device)
             full[:, link.pos.to(x.device)] = masks[:, link.chan.to(masks.device)].to(x.device)
@@ -304,7 +336,7 @@ def _price_on_device(target: Target, masks: torch.Tensor
             else:
                 d = ops.masked_damage(xv.float(), wv.float(), full, bias=bias, **kw,
                                       norm=c.norm, scale=scale, shift=shift, eps=eps,
-                                      post=c.post)
+                                      post=c.post, output=output_view(link, y, x))
             d = d.to(x.device, torch.float64)
             damage = d if damage is None else damage.add_(d)
             b2 = torch.as_tensor(b2, dtype=torch.float64, device=x.device)
@@ -333,7 +365,7 @@ def price_single(target: Target) -> torch.Tensor:
         c = link.consumer
         m = c.module
         scale, shift, eps = c.norm_terms()
-        for x, b2 in c.calls:
+        for x, b2, *_ in c.calls:
             xv, wv, kw = follower_view(link, x)
             pos, chan = link.pos.to(x.device), link.chan.to(x.device)
             if is_linear(c):

@@ -156,12 +156,12 @@ def patched(parts: Parts):
 def fused_only():
     """ops.masked_damage with the moments path switched off (every call on the fused pass)."""
     from aofp_ext import ops
-    saved = ops._use_moments
-    ops._use_moments = lambda *a, **k: False
+    saved = ops._path
+    ops._path = lambda *a, **k: "fused"
     try:
         yield
     finally:
-        ops._use_moments = saved
+        ops._path = saved
 
 
 # --------------------------------------------------------------------------------------------

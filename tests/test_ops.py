@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aofp_ext import _moments, ops
+from aofp_ext import _moments, _varying, ops
 
 from _cases import assert_damage_close, conv_fits, conv_sweep, rand_case
 
@@ -100,13 +100,13 @@ def test_auto_tells_the_cost_model_how_many_channels_vary(monkeypatch):
     """method="auto" on the CPU counts the channels some but not all masks remove (here 20
     minus 2 removed by every mask minus 3 kept by every mask) for the cost model."""
     seen = {}
-    choose = _moments.choose
+    choose = _varying.choose
 
     def spy(*a, **k):
         seen.update(k)
         return choose(*a, **k)
 
-    monkeypatch.setattr(_moments, "choose", spy)
+    monkeypatch.setattr(_varying, "choose", spy)
     gen = torch.Generator().manual_seed(5)
     x, w, _, kw = rand_case(gen, N=2, C=20, O=6, H=6, K=9, norm="batch")
     masks = _search_masks(gen, 9, 20, dead=[0, 1], kept=[5, 6, 7])
@@ -423,6 +423,152 @@ def test_moments_when_the_kept_or_removed_part_carries_no_variance(linear, post)
     # from the cancelling difference miss it (4e-5 / 1e-4)
     assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args), ref,
                         rtol=1e-6 if post == "none" else 1e-5, atol_frac=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# The varying channels: the moments of the channels the masks do not all treat alike
+# (norm="batch"; _varying.FORCE takes the path wherever it applies)
+# ------------------------------------------------------------------------------------------
+
+
+def _roles(gen, x, K):
+    """Search-like masks over ``x``'s channels: a random third gone (half of them all 0 in
+    ``x``, as a base-masked input is), a random third kept, the rest varying."""
+    C = x.shape[1]
+    role = torch.randint(0, 3, (C,), generator=gen)
+    dead = (role == 0).nonzero()[:, 0].tolist()
+    masks = _search_masks(gen, K, C, dead=dead, kept=(role == 1).nonzero()[:, 0].tolist())
+    x[:, dead[::2]] = 0.0
+    return masks
+
+
+def _with_output(x, w, args):
+    """The follower's output as the training forward computes it."""
+    if x.dim() == 2:
+        return torch.nn.functional.linear(x, w, args.get("bias"))
+    return torch.nn.functional.conv2d(x, w, args.get("bias"), args.get("stride", 1),
+                                      args.get("padding", 0), args.get("dilation", 1))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**conv_sweep(), post=st.sampled_from(["none", "relu"]), given_output=st.booleans())
+def test_varying_sweep(N, C, O, H, W, k, stride, padding, dilation, K, post, bias, seed,
+                       given_output):
+    gen = torch.Generator().manual_seed(seed)
+    if not conv_fits(H, W, k, padding, dilation):
+        return
+    x, w, _, kw = rand_case(gen, N=N, C=C, O=O, H=H, W=W, k=k, K=K, bias=bias, norm="batch")
+    masks = _roles(gen, x, K)
+    args = dict(stride=stride, padding=padding, dilation=dilation, norm="batch", post=post, **kw)
+    out = _with_output(x, w, args) if given_output else None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_varying, "FORCE", True)
+        got = ops.masked_damage(x, w, masks, method="moments", output=out, **args)
+    assert_damage_close(got, ops.masked_damage_reference(x, w, masks, **args))
+
+
+@pytest.mark.parametrize("post", ["none", "relu"])
+def test_varying_linear_1x1_blocks_and_k1(post, monkeypatch):
+    """Linear and 1x1 followers, many output and mask blocks, K = 1 and 2 (with one mask no
+    channel varies: the full moments path prices it)."""
+    monkeypatch.setattr(_varying, "FORCE", True)
+    monkeypatch.setattr(_moments, "_BLOCK", 300)
+    gen = torch.Generator().manual_seed(41)
+    for K in (1, 2, 40):
+        for linear, shape in ((True, dict(N=64, C=40, O=10)), (False, dict(N=3, C=30, O=70, H=5, k=1)),
+                              (False, dict(N=2, C=9, O=5, H=7, k=3))):
+            x, w, _, kw = rand_case(gen, K=K, norm="batch", linear=linear, **shape)
+            masks = _roles(gen, x, K)
+            args = dict(norm="batch", post=post, **kw,
+                        **({} if linear else dict(padding=shape["k"] // 2)))
+            ref = ops.masked_damage_reference(x, w, masks, **args)
+            for out in (None, _with_output(x, w, args)):
+                assert_damage_close(ops.masked_damage(x, w, masks, method="moments", output=out,
+                                                      **args), ref)
+
+
+@pytest.mark.parametrize("post", ["none", "relu"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_varying_when_the_kept_part_carries_no_variance(linear, post, monkeypatch):
+    """Masks that remove the channel carrying nearly all the variance leave the kept part's
+    variance as a difference of nearly equal terms from three different products; the kept
+    channels' sum is then formed once and those masks' kept forms are taken directly (without
+    it the damage misses the float64 reference by up to 2e-3 here)."""
+    monkeypatch.setattr(_varying, "FORCE", True)
+    formed = []
+    with_kept = _varying._Moments.with_kept
+    monkeypatch.setattr(_varying._Moments, "with_kept",
+                        lambda self: formed.append(1) or with_kept(self))
+    gen = torch.Generator().manual_seed(43)
+    C = 8
+    x, w, _, kw = rand_case(gen, N=64, C=C, O=4, H=5, K=1, norm="batch", linear=linear)
+    x = x.clone()
+    x[:, 0] *= 100.0                                  # varying: carries nearly everything
+    x[:, 1] = 1e-3 * x[:, 0] + 1e-5 * x[:, 1]          # varying: nearly a small copy of it
+    x[:, 7] = 0.0                                      # gone and all 0
+    masks = torch.ones(3 * C, C, dtype=torch.bool)    # channels 0-3 vary, 4-5 kept, 6-7 gone
+    masks[:, 6:] = False
+    masks[:C, 0] = False
+    masks[torch.arange(C) % 4, torch.arange(C) % 4] = False
+    masks[C:, :4] = torch.rand(2 * C, 4, generator=gen) < 0.5
+    args = dict(norm="batch", post=post, **kw, **({} if linear else dict(padding=1)))
+    ref = ops.masked_damage_reference(x.double(), w.double(), masks,
+                                      **{k: (v.double() if torch.is_tensor(v) else v)
+                                         for k, v in args.items()}, dtype=torch.float64)
+    for out in (None, _with_output(x, w, args)):
+        formed.clear()
+        got = ops.masked_damage(x, w, masks, method="moments", output=out, **args)
+        assert formed
+        assert_damage_close(got, ref, rtol=1e-5, atol_frac=1e-7)
+
+
+def test_varying_nan_offsets_and_bad_output(monkeypatch):
+    monkeypatch.setattr(_varying, "FORCE", True)
+    gen = torch.Generator().manual_seed(47)
+    x, w, _, kw = rand_case(gen, N=4, C=12, O=5, H=8, K=20, norm="batch")
+    masks = _search_masks(gen, 20, 12, dead=[0, 1], kept=[2, 3, 4])
+    for post in ("none", "relu"):
+        args = dict(padding=1, norm="batch", post=post, **kw)
+        big = x * 50.0 + 1000.0                       # a large common offset
+        assert_damage_close(ops.masked_damage(big, w, masks, method="moments",
+                                              output=_with_output(big, w, args), **args),
+                            ops.masked_damage_reference(big, w, masks, **args), rtol=2e-3)
+        out = _with_output(x, w, args).contiguous(memory_format=torch.channels_last)
+        assert_damage_close(ops.masked_damage(x, w, masks, method="moments", output=out, **args),
+                            ops.masked_damage_reference(x, w, masks, **args))
+        for c in (0, 3, 7):                           # a NaN in a gone, kept, varying channel
+            xn = x.clone()
+            xn[1, c, 2, 2] = float("nan")
+            got = ops.masked_damage(xn, w, masks, method="moments", **args)
+            want = ops.masked_damage_reference(xn, w, masks, **args)
+            assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got).any())
+    args = dict(padding=1, norm="batch", **kw)
+    for bad in (torch.zeros(4, 5, 7, 8), torch.zeros(4, 5, 8, 8, dtype=torch.long), "y"):
+        with pytest.raises(ValueError, match="output"):
+            ops.masked_damage(x, w, masks, output=bad, **args)
+
+
+def test_varying_is_chosen_where_few_channels_vary():
+    """The cost model (measured 2026-12-03, 1 thread, K = 64, the output given): at ResNet-56's
+    followers the varying path from a quarter of the channels varying (16@32x32: 7.5 ms against
+    10.4 ms for every channel's moments; 64@8x8: 4.5 against 10.2 ms), not with every channel
+    varying; never without norm="batch"; a gone channel costs a conv and a weight gradient."""
+    choose = _varying.choose
+    for C, hw in ((16, 32), (32, 16), (64, 8)):
+        P = 64 * hw * hw
+        lag = _moments.lag_shape(torch.empty(64, C, hw, hw, device="meta"),
+                                 torch.empty(C, C, 3, 3, device="meta"), (1, 1), (1, 1), (1, 1))
+        for K in (16, 64, 256):
+            assert choose(C, C, 9, P, K, True, False, 1, lag, varying=C // 4,
+                          output=True) == "varying"
+            assert choose(C, C, 9, P, K, True, False, 1, lag, varying=C // 8,
+                          output=True) == "varying"
+            assert choose(C, C, 9, P, K, True, False, 1, lag, varying=C, output=True) != "varying"
+            assert choose(C, C, 9, P, K, False, False, 1, lag, varying=C // 8,
+                          output=True) != "varying"
+        assert (_varying.cost(C, C, 9, P, 64, C // 4, 0, True, 1, lag)
+                < _varying.cost(C, C, 9, P, 64, C // 4, 0, False, 1, lag)
+                < _varying.cost(C, C, 9, P, 64, C // 4, 3, False, 1, lag))
 
 
 # ------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def filter_features(ctx: SelectionContext) -> list[torch.Tensor]:
         for i, t in enumerate(ctx.targets):
             ln = t.links[0]          # every consumer reads the same activation
             blocks = torch.bincount(ln.chan_full, minlength=t.group.size).double()
-            for x, _ in ln.consumer.calls:
+            for x, *_ in ln.consumer.calls:
                 xv = x.detach().double().cpu()
                 xv = xv.reshape(xv.shape[0], xv.shape[1], -1)[:, ln.pos_full]  # (N, P, L)
                 sq[i].index_add_(0, ln.chan_full, xv.pow(2).sum(dim=(0, 2)))

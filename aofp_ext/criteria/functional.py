@@ -51,7 +51,7 @@ def response_similarity(ctx: SelectionContext) -> tuple[list[torch.Tensor], list
     index = [_channel_index(t.links[0], t.group.size) for t in ctx.targets]
     for _ in ctx.captured():
         for i, t in enumerate(ctx.targets):
-            for x, _ in t.links[0].consumer.calls:
+            for x, *_ in t.links[0].consumer.calls:
                 xv = x.detach().double().cpu()
                 xv = xv.reshape(xv.shape[0], xv.shape[1], -1)           # (N, width, L)
                 m = xv[:, index[i]].flatten(2)                          # (N, size, block * L)
