@@ -77,7 +77,7 @@ def _bits(K: int, C: int) -> int:
 # 1 % mean extra time (the previous coefficients, fitted to the tile kernel on the AMD machine:
 # 42, 9 %).
 _FUSED_S = dict(call=1.1e-3, contrib=1.8e-11, tables=5.1e-11, masks=2.0e-11, epilogue=3.5e-10,
-                cols=0.0)
+                cols=0.0, output=3.5e-9)
 _MOMENTS_S = dict(call=0.0, cols=5.5e-9, build=1.4e-11, grams=4.0e-9, forms=1.7e-11,
                   pairs=7.9e-12)
 
@@ -87,24 +87,32 @@ def _threads(threads: int | None) -> int:
 
 
 def fused_terms(C: int, O: int, T: int, P: int, K: int, threads: int | None = None,
-                varying: int | None = None) -> dict[str, float]:
+                varying: int | None = None, used: int | None = None,
+                output: bool = False) -> dict[str, float]:
     """The fused mask pass's counted work, one entry per coefficient of ``_FUSED_S``: the
     kernel's work and its input pass divided by ``threads`` (default: torch's setting; the
     kernel splits its tiles over them). ``varying``: the channels that some but not all masks
     remove (default ``C``); only they enter the subset tables and the mask sums (the search's
-    later steps vary a shrinking part of each layer)."""
+    later steps vary a shrinking part of each layer). ``used``: the channels whose
+    contributions the pass forms (default ``C``; without ReLU and batch statistics, or with the
+    follower's ``output`` given, only the varying and the removed-by-all ones); ``output``:
+    the given output is copied once (its term, taken as the varying path's pass over the
+    output, is not part of the fit)."""
     cv = C if varying is None else varying
+    cu = C if used is None else used
     b, n = _bits(K, cv), _threads(threads)
     blocks = -(-K // 128)
-    return dict(call=1.0, contrib=O * P * C * T / n,
+    return dict(call=1.0, contrib=O * P * cu * T / n,
                 tables=O * P * cv * (1 << b) / b * blocks / n, masks=O * P * cv * K / b / n,
-                epilogue=O * P * K / n, cols=C * T * P / n)
+                epilogue=O * P * K / n, cols=cu * T * P / n, output=O * P / n if output else 0.0)
 
 
 def fused_cost(C: int, O: int, T: int, P: int, K: int, threads: int | None = None,
-               varying: int | None = None) -> float:
+               varying: int | None = None, used: int | None = None,
+               output: bool = False) -> float:
     """Predicted seconds of the fused mask pass."""
-    return sum(_FUSED_S[k] * v for k, v in fused_terms(C, O, T, P, K, threads, varying).items())
+    return sum(_FUSED_S[k] * v
+               for k, v in fused_terms(C, O, T, P, K, threads, varying, used, output).items())
 
 
 def moments_terms(C: int, O: int, T: int, P: int, K: int, batch: bool,
@@ -143,13 +151,14 @@ def moments_cost(C: int, O: int, T: int, P: int, K: int, batch: bool,
 
 def choose(C: int, O: int, T: int, P: int, K: int, batch: bool,
            threads: int | None = None, lag: tuple[int, int, int] | None = None,
-           relu: bool = False, varying: int | None = None) -> str:
+           relu: bool = False, varying: int | None = None, used: int | None = None,
+           output: bool = False) -> str:
     """``"moments"`` or ``"fused"``: the path the cost model predicts to be faster. ``relu``
     (with ``batch``): the moments give every mask's BN statistics and one fused ReLU pass
     prices them, against the fused kernel's two mask passes (BN statistics, then the clipped
-    damage). ``varying``: as for :func:`fused_terms` (the CPU mask pass's work; default
-    ``C``)."""
-    fused = fused_cost(C, O, T, P, K, threads, varying)
+    damage). ``varying``, ``used``, ``output``: as for :func:`fused_terms` (the CPU mask
+    pass's work; default ``C``)."""
+    fused = fused_cost(C, O, T, P, K, threads, varying, used, output)
     if relu:
         if not batch:
             raise ValueError("choose: relu=True applies to batch=True (norm='batch') only")

@@ -58,13 +58,16 @@ def partition(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             (removed == 0).nonzero()[:, 0])
 
 
-def _live(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The channels of ``idx`` not exactly 0 everywhere in ``x`` (a NaN is not 0: it stays);
-    the others contribute nothing to any output."""
+def _live(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The channels of ``idx`` that are not exactly 0 everywhere in ``x`` or whose weights are
+    not all finite (a NaN in ``x`` is not 0: it stays); the others contribute exactly nothing
+    to any output (a base-masked input channel)."""
     if idx.numel() == 0:
         return idx
     nz = (x.index_select(1, idx) != 0).transpose(0, 1).reshape(idx.numel(), -1).any(dim=1)
-    return idx[nz]
+    bad = ~torch.isfinite(weight.index_select(1, idx)).transpose(0, 1).reshape(
+        idx.numel(), -1).all(dim=1)
+    return idx[nz | bad]
 
 
 def _dims(t: torch.Tensor) -> tuple[int, ...]:
@@ -111,7 +114,7 @@ class _Moments:
     def __init__(self, x, weight, masks, stride, padding, dilation, output):
         self.x, self.weight, self.geo = x, weight, (stride, padding, dilation)
         self.varying, gone, self.kept = partition(masks)
-        self.gone = _live(x, gone)
+        self.gone = _live(x, weight, gone)
         y = output if output is not None else self._conv(x, weight, padding)
         self.yc, self.S = _centred(y)
         V = self.varying
@@ -156,7 +159,7 @@ class _Moments:
         """The Gram and ``g1`` with the kept channels' sum appended (formed once)."""
         if self._kept is None:
             gram, g1 = self.gram, self.g1
-            kept = _live(self.x, self.kept)
+            kept = _live(self.x, self.weight, self.kept)
             if kept.numel():
                 zk, kk = _centred(self._conv(*self._inputs(kept), 0))
                 cross = [self._cross(self.xv, self.wv, zk)]
@@ -231,20 +234,22 @@ FORCE: bool | None = None
 
 def choose(C: int, O: int, T: int, P: int, K: int, batch: bool, forced: bool,
            threads: int | None = None, lag=None, relu: bool = False, varying: int = 0,
-           gone: int = 0, output: bool = False) -> str:
+           gone: int = 0, output: bool = False, used: int | None = None) -> str:
     """``"fused"``, ``"moments"`` or ``"varying"``: the path the cost models predict to be
     fastest (``forced``: one of the two moments paths). ``varying``: the channels some but not
     all masks remove; ``gone``: those every mask removes that are not all 0 in ``x``;
     ``output``: whether the follower's output is given. ``relu``: as for
     :func:`aofp_ext._moments.choose` (the moments give the BN statistics, one fused pass the
-    damage)."""
+    damage). ``used``: the channels the fused mask pass forms
+    (:func:`aofp_ext._moments.fused_terms`)."""
     if not batch or not varying or FORCE is False:
         if forced:
             return "moments"
-        return _moments.choose(C, O, T, P, K, batch, threads, lag, relu, varying)
+        return _moments.choose(C, O, T, P, K, batch, threads, lag, relu, varying, used,
+                               output and (batch or relu))
     if FORCE:
         return "varying"
-    fused = _moments.fused_cost(C, O, T, P, K, threads, varying)
+    fused = _moments.fused_cost(C, O, T, P, K, threads, varying, used, output)
     after = fused if relu else 0.0        # the ReLU pass after the moments' statistics
     opts = {"fused": fused + after,
             "moments": _moments.moments_cost(C, O, T, P, K, True, threads, lag) + after,

@@ -187,7 +187,11 @@ def masked_damage(
         path = _path(x, weight, masks, args, method == "moments", output is not None)
         if path != "fused":
             return _masked_damage_moments(x, weight, masks, args, path, output)
-    return torch.ops.aofp.masked_damage(x, weight, masks, **args)
+    else:
+        _check_output(x, weight, output, args)
+    if norm != "batch" and post == "none":
+        output = None          # the pass reads y only for ReLU and batch statistics
+    return torch.ops.aofp.masked_damage(x, weight, masks, **args, output=output)
 
 
 def _check_output(x, weight, output, args) -> None:
@@ -223,16 +227,18 @@ def _path(x, weight, masks, args, forced: bool, output: bool) -> str:
         if forced:
             return "moments"
         return _moments.choose(C, O, T, P, K, batch, lag=lag, relu=args["post"] == "relu")
-    # the CPU mask pass tabulates only the channels some but not all masks remove; the
-    # varying path prices only those too, and the gone channels that are not all 0 in x
+    # the CPU mask pass tabulates only the channels some but not all masks remove and forms
+    # the contributions of those and of the removed-by-all ones that are not all 0 in x (of
+    # every channel where it needs y and the output is not given); the varying path prices
+    # only those too
     removed = (masks == 0).sum(0)
     varying = int(((removed > 0) & (removed < K)).sum())
-    gone = 0
-    if batch and varying:
-        gone_idx = (removed == K).nonzero()[:, 0]
-        gone = _varying._live(x, gone_idx.to(x.device)).numel() if gone_idx.numel() else 0
-    return _varying.choose(C, O, T, P, K, batch, forced, lag=lag, relu=args["post"] == "relu",
-                           varying=varying, gone=gone, output=output)
+    gone_idx = (removed == K).nonzero()[:, 0]
+    gone = _varying._live(x, weight, gone_idx.to(x.device)).numel() if gone_idx.numel() else 0
+    relu = args["post"] == "relu"
+    used = varying + gone if output or not (batch or relu) else C
+    return _varying.choose(C, O, T, P, K, batch, forced, lag=lag, relu=relu, varying=varying,
+                           gone=gone, output=output, used=used)
 
 
 def _masked_damage_moments(x, weight, masks, args, path="moments", output=None
@@ -253,7 +259,7 @@ def _masked_damage_moments(x, weight, masks, args, path="moments", output=None
         return torch.ops.aofp.masked_relu_damage(
             x, weight, masks, mask_scale.float(), mask_shift.float(), centre,
             base_scale.float(), args["shift"], bias=args["bias"], stride=args["stride"],
-            padding=args["padding"], dilation=args["dilation"])
+            padding=args["padding"], dilation=args["dilation"], output=output)
     if args["norm"] == "batch":
         d = _moments.batch_damage(x32, w32, masks, *geo, args["scale"], args["eps"], forms)
     else:
@@ -276,6 +282,7 @@ def masked_relu_damage(
     stride: IntPair = 1,
     padding: IntPair = 0,
     dilation: IntPair = 1,
+    output: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Damage of K channel masks at a follower with a per-mask affine, then ReLU (CPU).
 
@@ -288,7 +295,7 @@ def masked_relu_damage(
     two (the statistics come from :mod:`aofp_ext._moments`).
 
     Args:
-        x, weight, masks, bias, stride, padding, dilation: as :func:`masked_damage`.
+        x, weight, masks, bias, stride, padding, dilation, output: as :func:`masked_damage`.
         mask_scale, mask_shift: ``(K, O)``.
         centre, scale, shift: ``(O,)``; ``centre`` is used in float64.
 
@@ -302,7 +309,7 @@ def masked_relu_damage(
     return torch.ops.aofp.masked_relu_damage(
         x, weight, masks, mask_scale, mask_shift, centre, scale, shift, bias=bias,
         stride=_pair(stride, "stride"), padding=_pair(padding, "padding"),
-        dilation=_pair(dilation, "dilation"))
+        dilation=_pair(dilation, "dilation"), output=output)
 
 
 def channel_gram(
@@ -415,13 +422,14 @@ if _C is not None:
     @torch.library.register_fake("aofp::masked_damage")
     def _masked_damage_fake(x, weight, masks, *, bias=None, stride=(1, 1), padding=(0, 0),
                             dilation=(1, 1), norm="none", scale=None, shift=None, eps=1e-5,
-                            post="none"):
+                            post="none", output=None):
         torch._check(masks.dim() == 2, lambda: "masked_damage: masks must be (K, C)")
         return x.new_empty((masks.shape[0],), dtype=_out_dtype(x))
 
     @torch.library.register_fake("aofp::masked_relu_damage")
     def _masked_relu_damage_fake(x, weight, masks, mask_scale, mask_shift, centre, scale, shift,
-                                 *, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+                                 *, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                                 output=None):
         torch._check(masks.dim() == 2, lambda: "masked_relu_damage: masks must be (K, C)")
         return x.new_empty((masks.shape[0],), dtype=_out_dtype(x))
 

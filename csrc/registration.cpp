@@ -5,11 +5,12 @@ TORCH_LIBRARY(aofp, m) {
   m.def(
       "masked_damage(Tensor x, Tensor weight, Tensor masks, *, Tensor? bias=None, "
       "int[2] stride=1, int[2] padding=0, int[2] dilation=1, str norm=\"none\", "
-      "Tensor? scale=None, Tensor? shift=None, float eps=1e-05, str post=\"none\") -> Tensor");
+      "Tensor? scale=None, Tensor? shift=None, float eps=1e-05, str post=\"none\", "
+      "Tensor? output=None) -> Tensor");
   m.def(
       "masked_relu_damage(Tensor x, Tensor weight, Tensor masks, Tensor mask_scale, "
       "Tensor mask_shift, Tensor centre, Tensor scale, Tensor shift, *, Tensor? bias=None, "
-      "int[2] stride=1, int[2] padding=0, int[2] dilation=1) -> Tensor");
+      "int[2] stride=1, int[2] padding=0, int[2] dilation=1, Tensor? output=None) -> Tensor");
   m.def(
       "channel_gram(Tensor x, Tensor weight, *, int[2] stride=1, int[2] padding=0, "
       "int[2] dilation=1, Tensor? scale=None) -> Tensor");

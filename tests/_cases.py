@@ -55,11 +55,13 @@ def rand_case(gen, *, N, C, O, H=None, W=None, k=3, K=9, bias=True, norm="none",
 ZERO_FLOOR = 1e-8
 
 
-def assert_damage_close(got, ref, rtol=1e-4, atol_frac=1e-5):
+def assert_damage_close(got, ref, rtol=1e-4, atol_frac=1e-5, floor=ZERO_FLOOR):
+    """``floor``: the absolute tolerance below which damages are not told apart (default
+    :data:`ZERO_FLOOR`)."""
     assert got.dtype == torch.float32 and got.shape == ref.shape, (got.dtype, got.shape, ref.shape)
     ref = ref.detach().to("cpu", torch.float64)
     got = got.detach().to("cpu", torch.float64)
-    atol = max(atol_frac * float(ref.abs().max()), ZERO_FLOOR) if ref.numel() else 0.0
+    atol = max(atol_frac * float(ref.abs().max()), floor) if ref.numel() else 0.0
     err = (got - ref).abs()
     bad = err > atol + rtol * ref.abs()
     assert not bool(bad.any()), (

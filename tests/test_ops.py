@@ -22,17 +22,24 @@ NORM_POST = list(itertools.product(["none", "affine", "batch"], ["none", "relu"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(**conv_sweep(), mode=st.sampled_from(NORM_POST))
-def test_masked_damage_sweep(N, C, O, H, W, k, stride, padding, dilation, K, mode, bias, seed):
+@given(**conv_sweep(), mode=st.sampled_from(NORM_POST), search=st.booleans())
+def test_masked_damage_sweep(N, C, O, H, W, k, stride, padding, dilation, K, mode, bias, seed,
+                             search):
     norm, post = mode
     gen = torch.Generator().manual_seed(seed)
     if not conv_fits(H, W, k, padding, dilation):
         return  # the conv itself is undefined here; the error path is tested separately
     x, w, masks, kw = rand_case(gen, N=N, C=C, O=O, H=H, W=W, k=k, K=K, bias=bias, norm=norm)
+    if search:                 # gone (some all 0 in x), kept and varying channels
+        masks = _roles(gen, x, K)
     args = dict(stride=stride, padding=padding, dilation=dilation, norm=norm, post=post, **kw)
     ref = ops.masked_damage_reference(x, w, masks, **args)
     assert_damage_close(ops.masked_damage(x, w, masks, **args), ref)
     assert_damage_close(ops.masked_damage(x, w, masks, method="fused", **args), ref)
+    # with the follower's output the pass reads y and skips the channels every mask keeps
+    out = _with_output(x, w, args)
+    assert_damage_close(ops.masked_damage(x, w, masks, output=out, **args), ref)
+    assert_damage_close(ops.masked_damage(x, w, masks, method="fused", output=out, **args), ref)
 
 
 @pytest.mark.parametrize("norm,post", NORM_POST)
@@ -88,12 +95,17 @@ def test_mask_pass_channel_roles_blocks_and_chunks(K):
             args.pop("scale"), args.pop("shift")
         ref = ops.masked_damage_reference(x, w, masks, **args)
         assert_damage_close(ops.masked_damage(x, w, masks, method="fused", **args), ref)
+        out = _with_output(x, w, args)
+        assert_damage_close(ops.masked_damage(x, w, masks, method="fused", output=out, **args),
+                            ref)
         if norm == "batch" or post == "none":
             assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args), ref)
     aff = _relu_affine(gen, K, O)
     args = dict(bias=kw["bias"], padding=1)
-    assert_damage_close(ops.masked_relu_damage(x, w, masks, *aff, **args),
-                        ops.masked_relu_damage_reference(x, w, masks, *aff, **args))
+    want = ops.masked_relu_damage_reference(x, w, masks, *aff, **args)
+    assert_damage_close(ops.masked_relu_damage(x, w, masks, *aff, **args), want)
+    assert_damage_close(ops.masked_relu_damage(x, w, masks, *aff, **args,
+                                               output=_with_output(x, w, args)), want)
 
 
 def test_auto_tells_the_cost_model_how_many_channels_vary(monkeypatch):
@@ -464,7 +476,18 @@ def test_varying_sweep(N, C, O, H, W, k, stride, padding, dilation, K, post, bia
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_varying, "FORCE", True)
         got = ops.masked_damage(x, w, masks, method="moments", output=out, **args)
-    assert_damage_close(got, ops.masked_damage_reference(x, w, masks, **args))
+    # the float32 floor is set by the output's energy |BN(y)|^2 (the search divides every
+    # damage by it), not by the largest damage: with two output positions every masked output
+    # normalises to nearly the same vector and the damages (~1e-7 of it, hypothesis found one)
+    # are differences of float32 terms of that size, on every path of the moments
+    y = _with_output(x, w, args).double()
+    dims = (0,) + tuple(range(2, y.dim()))
+    yc = y - y.mean(dim=dims, keepdim=True)
+    bn = yc / (yc.square().mean(dim=dims, keepdim=True) + 1e-5).sqrt()
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    bn = bn * kw["scale"].double().view(shape) + kw["shift"].double().view(shape)
+    floor = max(1e-7 * float(bn.square().sum()), 1e-8)
+    assert_damage_close(got, ops.masked_damage_reference(x, w, masks, **args), floor=floor)
 
 
 @pytest.mark.parametrize("post", ["none", "relu"])
@@ -520,6 +543,34 @@ def test_varying_when_the_kept_part_carries_no_variance(linear, post, monkeypatc
         got = ops.masked_damage(x, w, masks, method="moments", output=out, **args)
         assert formed
         assert_damage_close(got, ref, rtol=1e-5, atol_frac=1e-7)
+
+
+@pytest.mark.parametrize("post", ["none", "relu"])
+@pytest.mark.parametrize("norm", ["affine", "batch"])
+def test_mask_pass_skips_silent_channels_and_reads_the_output(norm, post):
+    """The fused pass leaves out a removed-by-all channel that is 0 everywhere in x (a
+    base-masked input) unless its weights are not finite (0 * inf is NaN, as in the reference),
+    and with the follower's output given it forms no kept channel's contribution: a wrong
+    output shows in the damage of ReLU and batch-statistics followers."""
+    gen = torch.Generator().manual_seed(53)
+    x, w, _, kw = rand_case(gen, N=3, C=10, O=6, H=7, K=9, norm=norm)
+    masks = _search_masks(gen, 9, 10, dead=[0, 1], kept=[2, 3, 4])
+    x[:, 0] = 0.0
+    args = dict(padding=1, norm=norm, post=post, **kw)
+    out = _with_output(x, w, args)
+    ref = ops.masked_damage_reference(x, w, masks, **args)
+    assert_damage_close(ops.masked_damage(x, w, masks, method="fused", output=out, **args), ref)
+    if norm == "batch" or post == "relu":
+        got = ops.masked_damage(x, w, masks, method="fused", output=out * 1.01, **args)
+        assert not torch.allclose(got, ref.float(), rtol=1e-3)
+    w = w.clone()
+    w[3, 0, 1, 1] = float("inf")
+    ref = ops.masked_damage_reference(x, w, masks, **args)
+    got = ops.masked_damage(x, w, masks, method="fused", **args)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and bool(torch.isnan(got).any())
+    with pytest.raises(RuntimeError, match="output"):
+        torch.ops.aofp.masked_damage(x, w, masks, padding=[1, 1], norm=norm, post=post, **kw,
+                                     output=out[:, :5])
 
 
 def test_varying_nan_offsets_and_bad_output(monkeypatch):

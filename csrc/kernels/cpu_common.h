@@ -83,14 +83,17 @@ struct PositionRange {
   }
 };
 
+// With `list`, rows i in [c0, c1) hold channel list[i] (a subset of the channels, packed).
 inline void im2col_channels(const ConvGeom& g, const float* x, const PositionRange& pr,
-                            int64_t c0, int64_t c1, float* cols, int64_t ld) {
+                            int64_t c0, int64_t c1, float* cols, int64_t ld,
+                            const int32_t* list = nullptr) {
   const int64_t KK = g.taps(), sw = g.stride_w, xs3 = g.xs[3];
-  for (int64_t c = c0; c < c1; ++c) {
+  for (int64_t i = c0; i < c1; ++i) {
+    const int64_t c = list ? int64_t(list[i]) : i;
     const float* xc = x + c * g.xs[1];
     for (int64_t kh = 0; kh < g.KH; ++kh) {
       for (int64_t kw = 0; kw < g.KW; ++kw) {
-        float* row = cols + (c * KK + kh * g.KW + kw) * ld;
+        float* row = cols + (i * KK + kh * g.KW + kw) * ld;
         const int64_t dh = kh * g.dil_h, dw = kw * g.dil_w;
         for (const PositionRange::Run& run : pr.runs) {
           float* out = row + run.j;
@@ -184,6 +187,15 @@ AOFP_INLINE void contributions(const float* weight, const float* scale, int64_t 
 inline void im2col(const ConvGeom& g, const float* x, const PositionRange& pr, float* cols,
                    int64_t ld, const ParallelFor& pfor) {
   pfor(0, g.C, 1, [&](int64_t c0, int64_t c1) { im2col_channels(g, x, pr, c0, c1, cols, ld); });
+}
+
+// im2col of the channels list[0 .. n) into rows 0 .. n of cols (nothing when n == 0).
+inline void im2col_list(const ConvGeom& g, const float* x, const PositionRange& pr,
+                        const int32_t* list, int64_t n, float* cols, int64_t ld,
+                        const ParallelFor& pfor) {
+  if (n <= 0) return;
+  pfor(0, n, 1,
+       [&](int64_t c0, int64_t c1) { im2col_channels(g, x, pr, c0, c1, cols, ld, list); });
 }
 
 // SYRK: G += X X^T on the lower triangle, X is R rows of length L with leading dimension ld,

@@ -39,6 +39,12 @@ struct MaskedDamageParams {
   const float* shift = nullptr;    // (O); required unless norm == None
   double eps = 1e-5;
   float* damage = nullptr;         // out (K)
+  // Optional: the follower's output without bias, conv(x, W), as the forward computed it,
+  // y[o * y_ld + q] for output channel o < ceil(O / 4) * 4 and position q < y_ld (zero past O
+  // and past the positions; y_ld >= ceil(P / 32) * 32). With it the CPU mask pass reads y
+  // instead of summing the contributions of the channels every mask keeps.
+  const float* y = nullptr;
+  int64_t y_ld = 0;
 };
 
 // masked_relu_damage: each mask normalises its output with its own affine of the centred output,

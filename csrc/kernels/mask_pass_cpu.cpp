@@ -40,6 +40,8 @@ struct MaskPlan {
   std::vector<int8_t> role;       // per channel: 0 kept by every mask, 1 removed by every mask,
                                   // 2 varying (its index among the varying ones in `slot`)
   std::vector<int32_t> slot;      // per channel: index among the varying channels
+  std::vector<int32_t> used;      // the channels whose contributions the pass forms: every
+                                  // channel where y must be summed, else the roles 1 and 2
   std::vector<uint8_t> removes;   // per mask: removes at least one channel
   int64_t Cv = 0;                 // varying channels
   int bits = 1;
@@ -73,7 +75,26 @@ int table_bits(int64_t K, int64_t Cv) {
   return best;
 }
 
-MaskPlan plan_masks(const uint8_t* masks, int64_t K, int64_t C) {
+// Channel c of x is 0 at every position and its weights are finite: its contributions are
+// exactly 0 (a base-masked input channel), so removing it changes nothing.
+bool silent(const MaskedDamageParams& p, int64_t c) {
+  const ConvGeom& g = p.g;
+  const int64_t KK = g.taps();
+  for (int64_t o = 0; o < g.O; ++o)
+    for (int64_t t = 0; t < KK; ++t)
+      if (!std::isfinite(p.weight[(o * g.C + c) * KK + t])) return false;
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t h = 0; h < g.H; ++h)
+      for (int64_t w = 0; w < g.W; ++w)
+        if (p.x[n * g.xs[0] + c * g.xs[1] + h * g.xs[2] + w * g.xs[3]] != 0.f) return false;
+  return true;
+}
+
+// sum_y: the epilogue needs y and p.y is not given, so every channel's contributions are
+// summed; otherwise the channels every mask keeps (and the all-removed silent ones) are skipped.
+MaskPlan plan_masks(const MaskedDamageParams& p, bool sum_y) {
+  const uint8_t* masks = p.masks;
+  const int64_t K = p.K, C = p.g.C;
   MaskPlan mp;
   std::vector<int64_t> removed(size_t(C), 0);
   mp.removes.assign(size_t(K), 0);
@@ -87,11 +108,12 @@ MaskPlan plan_masks(const uint8_t* masks, int64_t K, int64_t C) {
   mp.slot.assign(size_t(C), -1);
   for (int64_t c = 0; c < C; ++c) {
     if (removed[size_t(c)] == K) {
-      mp.role[size_t(c)] = 1;
+      mp.role[size_t(c)] = silent(p, c) ? 0 : 1;
     } else if (removed[size_t(c)] > 0) {
       mp.role[size_t(c)] = 2;
       mp.slot[size_t(c)] = int32_t(mp.Cv++);
     }
+    if (sum_y || mp.role[size_t(c)] != 0) mp.used.push_back(int32_t(c));
   }
   mp.bits = table_bits(K, mp.Cv);
   mp.entries = int64_t(1) << mp.bits;
@@ -196,28 +218,33 @@ std::vector<float> transposed(const float* v, int64_t K, int64_t O) {
   return t;
 }
 
-// W[o, c, t] as wp[((o / 4 * C + c) * taps + t) * 4 + o % 4], zero past the last output.
-std::vector<float> pack_weights(const MaskedDamageParams& p) {
+// W[o, c, t] of the used channels c = used[i] as wp[((o / 4 * Cu + i) * taps + t) * 4 + o % 4],
+// zero past the last output.
+std::vector<float> pack_weights(const MaskedDamageParams& p, const std::vector<int32_t>& used) {
   const int64_t C = p.g.C, KK = p.g.taps(), O = p.g.O, nb = ceil_div(O, kOutBlock);
-  std::vector<float> wp(size_t(nb * C * KK * kOutBlock), 0.f);
+  const int64_t Cu = int64_t(used.size());
+  std::vector<float> wp(size_t(nb * Cu * KK * kOutBlock), 0.f);
   for (int64_t o = 0; o < O; ++o)
-    for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < Cu; ++i)
       for (int64_t t = 0; t < KK; ++t)
-        wp[size_t((((o / kOutBlock) * C + c) * KK + t) * kOutBlock + o % kOutBlock)] =
-            p.weight[(o * C + c) * KK + t];
+        wp[size_t((((o / kOutBlock) * Cu + i) * KK + t) * kOutBlock + o % kOutBlock)] =
+            p.weight[(o * C + used[size_t(i)]) * KK + t];
   return wp;
 }
 
-// The contributions of one tile (positions [j0, j0 + kLanes) of the chunk): stores z of the
-// varying channels; y (without bias) and the sum over the all-removed channels come back.
-AOFP_INLINE void tile_contributions(const Ctx& cx, const float* __restrict wp, int64_t j0,
-                                    float* __restrict z, v16f (&y)[kOutBlock][2],
-                                    v16f (&gone)[kOutBlock][2]) {
-  const int64_t C = cx.p->g.C, KK = cx.p->g.taps(), ld = cx.ld;
+// The contributions of one tile (outputs [o0, o0 + 4), positions [j0, j0 + kLanes) of the
+// chunk): stores z of the varying channels; y (without bias: summed here over every channel,
+// or read from p.y) and the sum over the all-removed channels come back.
+AOFP_INLINE void tile_contributions(const Ctx& cx, int64_t o0, int64_t j0, float* __restrict z,
+                                    v16f (&y)[kOutBlock][2], v16f (&gone)[kOutBlock][2]) {
+  const MaskPlan& mp = *cx.mp;
+  const int64_t KK = cx.p->g.taps(), ld = cx.ld, Cu = int64_t(mp.used.size());
+  const float* __restrict wp = cx.wp + o0 * Cu * KK;
   for (int u = 0; u < kOutBlock; ++u) y[u][0] = y[u][1] = gone[u][0] = gone[u][1] = v16f{};
-  for (int64_t c = 0; c < C; ++c) {
-    const float* col = cx.cols + c * KK * ld + j0;
-    const float* wc = wp + c * KK * kOutBlock;
+  for (int64_t i = 0; i < Cu; ++i) {
+    const int64_t c = mp.used[size_t(i)];
+    const float* col = cx.cols + i * KK * ld + j0;
+    const float* wc = wp + i * KK * kOutBlock;
     v16f acc[kOutBlock][2] = {};
     for (int64_t t = 0; t < KK; ++t) {
       const v16f x0 = load16(col + t * ld), x1 = load16(col + t * ld + 16);
@@ -231,18 +258,25 @@ AOFP_INLINE void tile_contributions(const Ctx& cx, const float* __restrict wp, i
       y[u][0] += acc[u][0];
       y[u][1] += acc[u][1];
     }
-    const int8_t role = cx.mp->role[size_t(c)];
+    const int8_t role = mp.role[size_t(c)];
     if (role == 1) {
       for (int u = 0; u < kOutBlock; ++u) {
         gone[u][0] += acc[u][0];
         gone[u][1] += acc[u][1];
       }
     } else if (role == 2) {
-      float* zc = z + int64_t(cx.mp->slot[size_t(c)]) * kOutBlock * kLanes;
+      float* zc = z + int64_t(mp.slot[size_t(c)]) * kOutBlock * kLanes;
       for (int u = 0; u < kOutBlock; ++u) {
         std::memcpy(zc + u * kLanes, &acc[u][0], sizeof(v16f));
         std::memcpy(zc + u * kLanes + 16, &acc[u][1], sizeof(v16f));
       }
+    }
+  }
+  if (cx.p->y) {
+    const float* yr = cx.p->y + o0 * cx.p->y_ld + cx.q0 + j0;
+    for (int u = 0; u < kOutBlock; ++u) {
+      y[u][0] = load16(yr + u * cx.p->y_ld);
+      y[u][1] = load16(yr + u * cx.p->y_ld + 16);
     }
   }
 }
@@ -460,7 +494,7 @@ AOFP_HOT void run_tile(const Ctx& cx, int64_t o0, int64_t no, int64_t j0, int64_
   const MaskPassArgs& a = *cx.a;
   const MaskPlan& mp = *cx.mp;
   v16f y[kOutBlock][2], gone[kOutBlock][2];
-  tile_contributions(cx, cx.wp + o0 * p.g.C * p.g.taps(), j0, sc.z.data(), y, gone);
+  tile_contributions(cx, o0, j0, sc.z.data(), y, gone);
   for (int64_t u = 0; u < no; ++u) {
     const int64_t o = o0 + u;
     const float off = (p.bias ? p.bias[o] : 0.f) - (a.centre ? float(a.centre[o]) : 0.f);
@@ -506,17 +540,19 @@ void mask_pass(const MaskedDamageParams& p, const MaskPassArgs& a, const Paralle
   const ConvGeom& g = p.g;
   const int64_t P = g.positions(), C = g.C, KK = g.taps(), O = g.O;
   if (p.K == 0 || P == 0 || O == 0 || C == 0) return;
-  const MaskPlan mp = plan_masks(p.masks, p.K, C);
-  // Chunks of positions whose im2col stays in L2 while every output block reads it, a
-  // multiple of the tile; every row is padded with zeros to a whole tile so a tile never
-  // reads past its row.
-  const int64_t per_col = std::max<int64_t>(1, C * KK);
+  // Square reads d only; Relu and BnStats read y too
+  const MaskPlan mp = plan_masks(p, a.epilogue != Epilogue::Square && !p.y);
+  const int64_t Cu = int64_t(mp.used.size());
+  // Chunks of positions whose im2col (of the used channels) stays in L2 while every output
+  // block reads it, a multiple of the tile; every row is padded with zeros to a whole tile so
+  // a tile never reads past its row.
+  const int64_t per_col = std::max<int64_t>(1, Cu * KK);
   const int64_t chunk = std::min(std::max<int64_t>(kLanes, kColsBudget / per_col / kLanes * kLanes),
                                  ceil_div(P, kLanes) * kLanes);
   const int64_t ld = chunk;
   AlignedFloats cols(size_t(per_col * ld));
   const int64_t n_tasks = ceil_div(O, kOutBlock);
-  const std::vector<float> wp = pack_weights(p);
+  const std::vector<float> wp = pack_weights(p, mp.used);
   Stats stats;
   if (a.epilogue == Epilogue::BnStats) {
     stats.shift.assign(size_t(p.K * O * 2), 0.f);
@@ -541,10 +577,10 @@ void mask_pass(const MaskedDamageParams& p, const MaskPassArgs& a, const Paralle
   for (int64_t q0 = 0; q0 < P; q0 += chunk) {
     const int64_t nq = std::min(chunk, P - q0);
     pr.set(g, q0, nq);
-    im2col(g, p.x, pr, cols.data(), ld, pfor);
+    im2col_list(g, p.x, pr, mp.used.data(), Cu, cols.data(), ld, pfor);
     const int64_t padded = ceil_div(nq, kLanes) * kLanes;
     if (padded > nq)
-      for (int64_t r = 0; r < per_col; ++r)
+      for (int64_t r = 0; r < Cu * KK; ++r)
         std::fill(cols.data() + r * ld + nq, cols.data() + r * ld + padded, 0.f);
     cx.q0 = q0;
     pfor(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {

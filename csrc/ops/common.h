@@ -150,9 +150,10 @@ inline Post parse_post(const char* op, c10::string_view post) {
 
 // Everything masked_damage's kernels need, checked and converted (float32; x keeps its strides).
 struct MaskedDamageInputs {
-  at::Tensor x, weight, bias, masks, scale, shift;
+  at::Tensor x, weight, bias, masks, scale, shift, y;
   MaskedDamageParams p;  // pointers are filled by fill_pointers()
   void fill_pointers() {
+    p.y = y.defined() ? y.data_ptr<float>() : nullptr;
     p.x = x.data_ptr<float>();
     p.weight = weight.data_ptr<float>();
     p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
@@ -194,6 +195,40 @@ inline MaskedDamageInputs prepare_masked_damage(
   for (int i = 0; i < x.dim(); ++i) in.p.g.xs[i] = in.x.stride(i);
   in.weight = weight.to(at::kFloat).contiguous();
   return in;
+}
+
+// The optional `output` (the follower's output as the forward computed it): checked against the
+// geometry of `in`; true when given.
+inline bool check_output(const char* op, const at::Tensor& x, const MaskedDamageInputs& in,
+                         const c10::optional<at::Tensor>& output) {
+  if (!output.has_value() || !output->defined()) return false;
+  const at::Tensor& y = *output;
+  const ConvGeom& g = in.p.g;
+  const bool ok = x.dim() == 2 ? (y.dim() == 2 && y.size(0) == g.N && y.size(1) == g.O)
+                               : (y.dim() == 4 && y.size(0) == g.N && y.size(1) == g.O &&
+                                  y.size(2) == g.HO && y.size(3) == g.WO);
+  TORCH_CHECK(ok, op, ": output must be the follower's output, of shape (", g.N, ", ", g.O,
+              x.dim() == 2 ? "" : (", " + std::to_string(g.HO) + ", " + std::to_string(g.WO)),
+              "), got shape ", shape_str(y));
+  check_floating(op, y, "output");
+  check_same_device(op, x, "x", y, "output");
+  return true;
+}
+
+// The CPU mask pass's copy of `output`: y[o * y_ld + q] = output[n, o, ho, wo] - bias[o] at
+// position q = (n, ho, wo), zero past O (to whole blocks of 4) and past P (to whole tiles).
+inline void prepare_output(const char* op, const at::Tensor& x, MaskedDamageInputs& in,
+                           const c10::optional<at::Tensor>& output) {
+  if (!check_output(op, x, in, output)) return;
+  const ConvGeom& g = in.p.g;
+  const int64_t O = g.O, P = g.positions();
+  const int64_t ld = (P + 31) / 32 * 32, rows = (O + 3) / 4 * 4;
+  at::Tensor y = output->to(at::kFloat);
+  y = x.dim() == 2 ? y.t() : y.reshape({g.N, O, -1}).permute({1, 0, 2}).reshape({O, P});
+  if (in.bias.defined()) y = y - in.bias.view({O, 1});
+  in.y = at::zeros({rows, ld}, x.options().dtype(at::kFloat));
+  in.y.narrow(0, 0, O).narrow(1, 0, P).copy_(y);
+  in.p.y_ld = ld;
 }
 
 // channel_gram: checked inputs and the params struct, with the output allocated (zeros).

@@ -13,9 +13,10 @@ at::Tensor masked_damage_cpu(const at::Tensor& x, const at::Tensor& weight,
                              at::IntArrayRef dilation, c10::string_view norm,
                              const c10::optional<at::Tensor>& scale,
                              const c10::optional<at::Tensor>& shift, double eps,
-                             c10::string_view post) {
+                             c10::string_view post, const c10::optional<at::Tensor>& output) {
   MaskedDamageInputs in = prepare_masked_damage(x, weight, masks, bias, stride, padding,
                                                 dilation, norm, scale, shift, eps, post);
+  prepare_output("masked_damage", x, in, output);
   at::Tensor out = at::zeros({in.p.K}, x.options().dtype(at::kFloat));
   const ConvGeom& g = in.p.g;
   if (in.p.K == 0 || g.positions() == 0 || g.C == 0 || g.O == 0) return out;
@@ -41,10 +42,12 @@ at::Tensor masked_relu_damage_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& mask_shift, const at::Tensor& centre,
                                   const at::Tensor& scale, const at::Tensor& shift,
                                   const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  const c10::optional<at::Tensor>& output) {
   const char* op = "masked_relu_damage";
   MaskedDamageInputs in = prepare_masked_damage(x, weight, masks, bias, stride, padding,
                                                 dilation, "affine", scale, shift, 0.0, "relu", op);
+  prepare_output(op, x, in, output);
   const int64_t K = in.p.K, O = in.p.g.O;
   const at::Tensor a = prepare_per_mask(op, mask_scale, "mask_scale", K, O, x);
   const at::Tensor b = prepare_per_mask(op, mask_shift, "mask_shift", K, O, x);
