@@ -645,3 +645,51 @@ def test_grouped_search_resumes_identically(tmp_path) -> None:
     assert any(m["action"] == "prune" and m["parts"] > 1 and m["step"] >= 4  # after the resume
                for m in full.report["history"])
     _same_models(full.model, resumed.model)
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "linear", "tokens", "flatten", "grouped"])
+def test_captured_output_views_match_the_follower_views(kind, monkeypatch) -> None:
+    """The output a BN follower's hook keeps is viewed as the pricing views the follower (a
+    Conv1d as a conv of width 1, a Linear over tokens over every position, a Linear after
+    flatten as a conv with a (block, 1) kernel, a grouped conv split by groups): the damages
+    with it equal those without it, on the varying path and on the fused pass; an output
+    changed in place after the capture is not used."""
+    from aofp_ext import _varying, ops, pricing
+    g = torch.Generator().manual_seed(61)
+    block = 1
+    if kind == "conv1d":
+        m, x = nn.Conv1d(8, 6, 3, padding=1), torch.randn(5, 8, 9, generator=g)
+    elif kind == "linear":
+        m, x = nn.Linear(8, 6), torch.randn(40, 8, generator=g)
+    elif kind == "tokens":
+        m, x = nn.Linear(8, 6), torch.randn(4, 7, 8, generator=g)
+    elif kind == "flatten":
+        block = 4
+        m, x = nn.Linear(8 * block, 6), torch.randn(30, 8 * block, generator=g)
+    else:
+        m, x = nn.Conv2d(8, 6, 3, padding=1, groups=2), torch.randn(3, 8, 5, 5, generator=g)
+    bn = nn.BatchNorm1d(6) if kind != "grouped" else nn.BatchNorm2d(6)
+    c = pricing.Consumer("f", m, 8 * block, "batch", bn, "none", capture=True)
+    m.register_forward_pre_hook(c.pre_hook)
+    m.register_forward_hook(c.post_hook)
+    with torch.no_grad():
+        m(x)
+    (call,) = c.calls
+    assert call.output() is not None
+    pos = torch.arange(8 * block) if block == 1 else torch.arange(8)
+    link = pricing.Link(c, torch.arange(8), pos if block == 1 else torch.arange(8),
+                        torch.arange(8 * block), torch.arange(8).repeat_interleave(block), block)
+    xv, wv, kw = pricing.follower_view(link, call.x)
+    yv = pricing.output_view(link, call.output(), call.x)
+    masks = torch.rand(9, xv.shape[1], generator=g) < 0.5
+    masks[:, :2] = True                                  # kept by every mask
+    scale, shift, eps = c.norm_terms()
+    args = dict(**kw, norm="batch", scale=scale, shift=shift, eps=eps,
+                bias=m.bias.detach())
+    ref = ops.masked_damage_reference(xv, wv.detach(), masks, **args)
+    monkeypatch.setattr(_varying, "FORCE", True)
+    for method in ("moments", "fused"):
+        got = ops.masked_damage(xv, wv.detach(), masks, method=method, output=yv, **args)
+        assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-6), (method, got, ref)
+    call.y.add_(1.0)                                     # changed in place: not used
+    assert call.output() is None
