@@ -174,6 +174,7 @@ def masked_damage(
     args = dict(bias=bias, stride=_pair(stride, "stride"), padding=_pair(padding, "padding"),
                 dilation=_pair(dilation, "dilation"), norm=norm, scale=scale, shift=shift,
                 eps=float(eps), post=post)
+    _check_output(x, weight, output, args)
     relu_stats = norm == "batch" and post == "relu" and x.device.type == "cpu"
     if method == "moments" and not (_moments.eligible(norm, post) or relu_stats):
         raise ValueError(f"masked_damage: method='moments' prices post='none' followers (norm "
@@ -183,12 +184,9 @@ def masked_damage(
             and not torch.compiler.is_compiling()):
         # every argument checked by the op itself (no mask is priced with K = 0)
         torch.ops.aofp.masked_damage(x, weight, masks[:0], **args)
-        _check_output(x, weight, output, args)
         path = _path(x, weight, masks, args, method == "moments", output is not None)
         if path != "fused":
             return _masked_damage_moments(x, weight, masks, args, path, output)
-    else:
-        _check_output(x, weight, output, args)
     if norm != "batch" and post == "none":
         output = None          # the pass reads y only for ReLU and batch statistics
     return torch.ops.aofp.masked_damage(x, weight, masks, **args, output=output)
@@ -231,10 +229,9 @@ def _path(x, weight, masks, args, forced: bool, output: bool) -> str:
     # the contributions of those and of the removed-by-all ones that are not all 0 in x (of
     # every channel where it needs y and the output is not given); the varying path prices
     # only those too
-    removed = (masks == 0).sum(0)
-    varying = int(((removed > 0) & (removed < K)).sum())
-    gone_idx = (removed == K).nonzero()[:, 0]
-    gone = _varying._live(x, weight, gone_idx.to(x.device)).numel() if gone_idx.numel() else 0
+    varying_idx, gone_idx, _ = _varying.partition(masks.bool())
+    varying = varying_idx.numel()
+    gone = _varying._live(x, weight, gone_idx.to(x.device)).numel()
     relu = args["post"] == "relu"
     used = varying + gone if output or not (batch or relu) else C
     return _varying.choose(C, O, T, P, K, batch, forced, lag=lag, relu=relu, varying=varying,
