@@ -657,8 +657,26 @@ def output_summed_gram(x, weight, stride, padding, dilation, scale=None) -> torc
 
 
 def _mask_block(K: int, O: int, C: int) -> int:
-    """Masks per block: the forms' ``(O, k, C)`` product stays within ``_BLOCK`` floats."""
+    """Masks per block where a ``(k, O, C)`` product is formed (the forms by a GEMM): it stays
+    within ``_BLOCK`` floats."""
     return max(1, min(K, _BLOCK // max(1, O * C + O)))
+
+
+def _form_block(K: int, O: int, C: int) -> int:
+    """Masks per block of the forms' callers, whose temporaries are ``(k, C)`` and ``(k, O)``
+    (the forms bound their own products: :func:`_in_blocks`). On the CPU the forms op then
+    takes every mask of a block of outputs at once: it packs each output tile's Gram rows once
+    per call, so fewer, larger calls pay that less often."""
+    return max(1, min(K, _BLOCK // max(1, 4 * (O + C))))
+
+
+def _in_blocks(fn, s: torch.Tensor, O: int) -> torch.Tensor:
+    """``fn(s)`` over blocks of rows of ``s`` of :func:`_mask_block` masks each."""
+    K, C = s.shape
+    kb = _mask_block(K, O, C)
+    if K <= kb:
+        return fn(s)
+    return torch.cat([fn(s[k0:k0 + kb]) for k0 in range(0, K, kb)])
 
 
 def _per_output_forms(x, weight, stride, padding, dilation):
@@ -685,8 +703,10 @@ def _per_output_forms(x, weight, stride, padding, dilation):
             o1 = min(O, o0 + ob)
 
             def form_of(s, wo=w[o0:o1]):
-                v = s[:, None, :] * wo[None]                            # (k, Oc, C)
-                return (torch.matmul(v, sig) * v).sum(dim=2).double()
+                def forms(sb):
+                    v = sb[:, None, :] * wo[None]                       # (k, Oc, C)
+                    return (torch.matmul(v, sig) * v).sum(dim=2).double()
+                return _in_blocks(forms, s, wo.shape[0])
             yield o0, o1, g1[o0:o1], form_of
         return
     for o0, o1, g in per_output_grams(x, weight, stride, padding, dilation):  # (C, C, Oc)
@@ -697,14 +717,23 @@ def _per_output_forms(x, weight, stride, padding, dilation):
 def gram_forms_of(g32: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``s_k^T g32[:, :, o] s_k`` ``(k, Oc)`` float64 for 0/1 rows ``s`` ``(k, C)`` and per-output
     Grams ``g32`` ``(C, C, Oc)`` float32: on the CPU the extension's op (``|s|^2 / 2`` adds per
-    (mask, output) instead of ``C^2`` multiply-adds); elsewhere one GEMM over every output
-    channel of the block, then the dot with ``s`` over the second channel."""
+    (mask, output) instead of ``C^2`` multiply-adds); elsewhere :func:`forms_by_gemm`."""
     if g32.device.type == "cpu":
         return torch.ops.aofp.gram_forms(g32, s.bool())
+    return forms_by_gemm(g32, s)
+
+
+def forms_by_gemm(g32: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """:func:`gram_forms_of` by one GEMM over every output channel of the block, then the dot
+    with ``s`` over the second channel, in blocks of masks that bound the ``(k, C, Oc)``
+    product."""
     C = g32.shape[0]
-    s = s.float()
-    r = torch.mm(s, g32.reshape(C, -1)).view(s.shape[0], C, -1)             # (k, d, Oc)
-    return torch.bmm(s.unsqueeze(1), r).squeeze(1).double()
+
+    def forms(sb):
+        sb = sb.float()
+        r = torch.mm(sb, g32.reshape(C, -1)).view(sb.shape[0], C, g32.shape[2])   # (k, d, Oc)
+        return torch.bmm(sb.unsqueeze(1), r).squeeze(1).double()
+    return _in_blocks(forms, s, g32.shape[2])
 
 
 class _BatchForms(NamedTuple):
@@ -740,8 +769,9 @@ def _batch_forms(x, weight, masks, stride, padding, dilation) -> Iterator[_Batch
     all_drop = n_removed == C
     for o0, o1, g1, form_of in _per_output_forms(x, weight, stride, padding, dilation):
         S = g1.sum(dim=1)                                    # (Oc,)   = P var_y
-        for k0 in range(0, K, _mask_block(K, o1 - o0, C)):
-            k1 = min(K, k0 + _mask_block(K, o1 - o0, C))
+        kb = _form_block(K, o1 - o0, C)
+        for k0 in range(0, K, kb):
+            k1 = min(K, k0 + kb)
             s = sel[k0:k1]                                    # (k, C)
             form = form_of(s.float())                         # (k, Oc) = s^T Gc_o s
             lin = s @ g1.t()                                  # (k, Oc) = s . Gc 1

@@ -192,7 +192,7 @@ def batch_forms(x, weight, masks, stride, padding, dilation, output=None
     for o0 in range(0, O, ob):
         o1 = min(O, o0 + ob)
         g, g1, S = m.gram[:, :, o0:o1].contiguous(), m.g1[o0:o1].t(), m.S[o0:o1]
-        kb = _moments._mask_block(K, o1 - o0, n)
+        kb = _moments._form_block(K, o1 - o0, n)
         for k0 in range(0, K, kb):
             k1 = min(K, k0 + kb)
             r = removed[k0:k1]

@@ -516,7 +516,7 @@ def moments_main(args, argv) -> int:
         cfg = Config(shapes=(RESNET56[2], Shape("tiny 8@8x8", 8, 8, 8)), ks=(64,), repeats=1,
                      loop_masks=8, device=args.device)
     else:
-        cfg = Config(ks=args.ks or (1024,), repeats=args.repeats,
+        cfg = Config(shapes=args.shapes or Config.shapes, ks=args.ks or (1024,), repeats=args.repeats,
                      loop_masks=args.loop_masks or 16, device=args.device)
     load0 = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(moments_header())

@@ -921,6 +921,25 @@ def test_gram_forms_sweep(C, O, K, seed):
         assert bool((got[1] == 0).all())         # no kept channel: no pair
 
 
+@pytest.mark.parametrize("block", [1 << 22, 500, 1])
+def test_forms_by_gemm_in_mask_blocks(block, monkeypatch):
+    """The forms off the CPU (one GEMM per block of masks, run here on the CPU) equal the op's
+    and the reference's, however many blocks of masks the bound on their product makes
+    (500 floats: 1 mask per block of 7 x 9 x 5; 1: as few as possible, still 1)."""
+    monkeypatch.setattr(_moments, "_BLOCK", block)
+    gen = torch.Generator().manual_seed(23)
+    a = torch.randn(9, 9, 5, generator=gen)
+    g = a + a.transpose(0, 1)
+    masks = torch.rand(7, 9, generator=gen) < 0.5
+    masks[0] = False
+    got = _moments.forms_by_gemm(g, masks)
+    assert got.dtype == torch.float64 and got.shape == (7, 5)
+    torch.testing.assert_close(got, ops.gram_forms_reference(g, masks), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ops.gram_forms(g, masks), rtol=1e-5, atol=1e-5)
+    assert bool((got[0] == 0).all())
+    assert _moments.forms_by_gemm(g, masks[:0]).shape == (0, 5)
+
+
 def test_gram_forms_symmetric_is_the_quadratic_form_and_edges():
     gen = torch.Generator().manual_seed(7)
     a = torch.randn(9, 9, 33, generator=gen)
