@@ -364,7 +364,10 @@ def quadratic_damage(gram: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 def output_grams(blocks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-output-channel Grams from the im2col Gram's tap blocks (CPU):
-    ``grams[c, d, o] = sum over taps (t, u) of W[o, c, t] blocks[t, u, c, d] W[o, d, u]``.
+    ``grams[c, d, o] = sum over taps (t, u) of W[o, c, t] blocks[t, u, c, d] W[o, d, u]`` for
+    ``c <= d``, and ``grams[d, c, o] = grams[c, d, o]`` (the blocks of a Gram are symmetric,
+    ``blocks[t, u, c, d] = blocks[u, t, d, c]``, and so are its per-output Grams: the op computes
+    each pair once and does not read the blocks of ``c > d``).
 
     ``blocks``: ``(T, T, C, C)`` (``blocks[t, u]`` the Gram block of im2col taps ``t`` and
     ``u``), ``weight``: the follower's ``(O, C, kh, kw)`` (``kh * kw = T``) or Linear ``(O, C)``
@@ -562,10 +565,13 @@ def quadratic_damage_reference(gram, masks, dtype=torch.float64):
 
 
 def output_grams_reference(blocks, weight, dtype=torch.float64):
-    """The same contraction by ``einsum``, in ``dtype``."""
+    """The same contraction by ``einsum``, in ``dtype``, over the pairs ``c <= d`` and their
+    mirror."""
     O, C = weight.shape[:2]
     w = weight.to(dtype).reshape(O, C, -1)
-    return torch.einsum("oct,tucd,odu->cdo", w, blocks.to(dtype), w)
+    g = torch.einsum("oct,tucd,odu->cdo", w, blocks.to(dtype), w)
+    upper = torch.ones(C, C, dtype=torch.bool, device=g.device).triu()[:, :, None]
+    return torch.where(upper, g, g.transpose(0, 1))
 
 
 def gram_forms_reference(grams, masks, dtype=torch.float64):

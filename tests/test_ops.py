@@ -831,16 +831,21 @@ def assert_grams_close(got, ref, rtol=1e-4, atol_frac=1e-5):
 @given(C=st.integers(1, 40), O=st.integers(1, 70), kh=st.integers(1, 3), kw=st.integers(1, 3),
        linear=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_output_grams_sweep(C, O, kh, kw, linear, seed):
-    """Random (not symmetric) blocks: the op computes the contraction as written, for every
-    pair (c, d); O across the 8- and 32-wide blocks of the kernel; T = 9 and T = 1 have their
-    own compiled paths, the other tap counts the generic one."""
+    """Random (not symmetric) blocks: the op computes the contraction as written for every
+    pair c <= d and mirrors it (exactly symmetric); O across the 8- and 32-wide blocks of the
+    kernel; T = 9 and T = 1 have their own compiled paths, the other tap counts the generic
+    one."""
     gen = torch.Generator().manual_seed(seed)
     T = 1 if linear else kh * kw
     blocks = torch.randn(T, T, C, C, generator=gen)
     w = torch.randn(O, C, generator=gen) if linear else torch.randn(O, C, kh, kw, generator=gen)
     got = ops.output_grams(blocks, w)
     assert got.shape == (C, C, O) and got.is_contiguous()
+    assert torch.equal(got, got.transpose(0, 1))
     assert_grams_close(got, ops.output_grams_reference(blocks, w))
+    # the pairs c > d are not read: changing their blocks changes nothing
+    lower = torch.ones(C, C, dtype=torch.bool).tril(-1)
+    assert torch.equal(ops.output_grams(torch.where(lower, blocks * 3 + 1, blocks), w), got)
 
 
 def test_output_grams_are_the_contributions_grams():

@@ -1,8 +1,10 @@
-// output_grams on the CPU: grams[c, d, o] = sum_t W[o, c, t] * sum_u blocks[c, d, t, u] W[o, d, u].
-// Work items are (block of kOutputGramsBlock output channels, c); for each, every d: the (c, d)
+// output_grams on the CPU: grams[c, d, o] = sum_t W[o, c, t] * sum_u blocks[c, d, t, u] W[o, d, u]
+// for c <= d (the upper triangle); grams[d, c, o] is its mirror (the Grams are symmetric when the
+// blocks are: blocks[t, u, c, d] = blocks[u, t, d, c]). Work items are (block of
+// kOutputGramsBlock output channels, two rows c); for each row, every d >= c: the (c, d)
 // T x T block (contiguous), then the bilinear form over the block's output channels (the vector
 // dimension, kV at a time), with the T partial sums over u held in registers (3x3 and 1x1
-// followers: T fixed at compile time). T^2 + T multiply-adds per (c, d, o), float32.
+// followers: T fixed at compile time). T^2 + T multiply-adds per (c, d >= c, o), float32.
 #include <algorithm>
 #include <cstring>
 
@@ -71,31 +73,43 @@ AOFP_INLINE v16f pair_block16(const float* s, const float* wc, const float* wd) 
   return acc;
 }
 
-// The (output block, c) items [i0, i1), i = ob * C + c, W output channels per pair block
-// (kV: pair_block; 16: pair_block16, TC > 0 only).
+// The row (c, d >= c) of one output block: each pair block computed once and written to both
+// (c, d) and (d, c) (the per-output Grams are symmetric: the lower triangle is the mirror).
+template <int TC, int W>
+AOFP_INLINE void grams_row(const OutputGramsParams& p, int64_t ob, int64_t c) {
+  const int64_t T = TC > 0 ? TC : p.T, C = p.C, O = p.O, TT = T * T, o0 = ob * kOB;
+  const int64_t n = std::min<int64_t>(kOB, O - o0);
+  const float* wblk = p.wt + ob * C * T * kOB;
+  const float* wc = wblk + c * T * kOB;
+  float acc[W];
+  for (int64_t d = c; d < C; ++d) {
+    const float* s = p.blocks + (c * C + d) * TT;
+    const float* wd = wblk + d * T * kOB;
+    float* out = p.grams + (c * C + d) * O + o0;
+    for (int64_t o = 0; o < n; o += W) {
+      if constexpr (W == 16) {
+        const v16f v = pair_block16<TC>(s, wc + o, wd + o);
+        std::memcpy(acc, &v, sizeof(v));
+      } else {
+        pair_block<TC>(s, wc + o, wd + o, T, acc);
+      }
+      std::copy(acc, acc + std::min<int64_t>(W, n - o), out + o);
+    }
+    if (d != c) std::copy(out, out + n, p.grams + (d * C + c) * O + o0);
+  }
+}
+
+// The items [i0, i1), i = ob * H + h (H = ceil(C / 2)): rows c = h and C - 1 - h of output
+// block ob, C + 1 pair blocks per item whatever h (rows of one channel alone would shrink
+// from C to 1 and leave the threads' equal shares of items unequal in work).
 template <int TC, int W>
 AOFP_INLINE void rows_loop(const OutputGramsParams& p, int64_t i0, int64_t i1) {
   static_assert(kOB % W == 0, "the output block is a whole number of pair blocks");
-  const int64_t T = TC > 0 ? TC : p.T, C = p.C, O = p.O, TT = T * T;
-  float acc[W];
+  const int64_t C = p.C, H = ceil_div(C, 2);
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t c = i % C, ob = i / C, o0 = ob * kOB;
-    const float* wblk = p.wt + ob * C * T * kOB;
-    const float* wc = wblk + c * T * kOB;
-    for (int64_t d = 0; d < C; ++d) {
-      const float* s = p.blocks + (c * C + d) * TT;
-      const float* wd = wblk + d * T * kOB;
-      float* out = p.grams + (c * C + d) * O;
-      for (int64_t o = 0; o < kOB && o0 + o < O; o += W) {
-        if constexpr (W == 16) {
-          const v16f v = pair_block16<TC>(s, wc + o, wd + o);
-          std::memcpy(acc, &v, sizeof(v));
-        } else {
-          pair_block<TC>(s, wc + o, wd + o, T, acc);
-        }
-        std::copy(acc, acc + std::min<int64_t>(W, O - o0 - o), out + o0 + o);
-      }
-    }
+    const int64_t ob = i / H, h = i % H;
+    grams_row<TC, W>(p, ob, h);
+    if (C - 1 - h != h) grams_row<TC, W>(p, ob, C - 1 - h);
   }
 }
 
@@ -129,7 +143,7 @@ bool wide_cpu() { return false; }
 void output_grams(const OutputGramsParams& p, const ParallelFor& pfor) {
   if (p.C == 0 || p.O == 0) return;
   const bool wide = (p.T == 9 || p.T == 1) && wide_cpu();
-  pfor(0, ceil_div(p.O, kOB) * p.C, 1, [&](int64_t i0, int64_t i1) {
+  pfor(0, ceil_div(p.O, kOB) * ceil_div(p.C, 2), 1, [&](int64_t i0, int64_t i1) {
     if (p.T == 9) {
       wide ? grams_rows16<9>(p, i0, i1) : grams_rows<9>(p, i0, i1);
     } else if (p.T == 1) {
