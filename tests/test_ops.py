@@ -307,17 +307,55 @@ def test_lag_gram_equals_the_im2col_gram(N, C, H, W, kh, kw, ph, pw, dh, dw, off
     w = torch.empty(2, C, kh, kw)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_moments, "_BLOCK", block)
-        for centre in (False, True):
+        for centre, dtype in itertools.product((False, True), (torch.float64, torch.float32)):
+            # float32: with one sample block the blocks are never float64 (its own code path)
             ref = _im2col_gram_reference(x, kh, kw, (ph, pw), (dh, dw), centre)
-            blocks = _moments._lag_gram(x, w, (ph, pw), (dh, dw), centre)
+            blocks = _moments._lag_gram(x, w, (ph, pw), (dh, dw), centre, dtype)
             assert torch.equal(blocks, blocks.permute(1, 0, 3, 2))
             got = _moments.channel_major(blocks)
-            assert got.dtype == torch.float64 and got.shape == ref.shape
+            assert got.dtype == dtype and got.shape == ref.shape
+            got = got.double()
             # float32 data: 1e-4 of the largest entry, plus the rounding of the shift by the
             # mean (about 1e-7 of |x|^2 per position; a centred Gram can be exactly 0)
             tol = 1e-4 * float(ref.abs().max()) + 1e-7 * float(x.abs().max()) ** 2 * N * ho * wo
             assert float((got - ref).abs().max()) <= tol
             assert torch.equal(got, got.T)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(1, 3), C=st.integers(1, 6), O=st.integers(1, 5), H=st.integers(1, 8),
+    W=st.integers(1, 8), kh=st.integers(1, 3), kw=st.integers(1, 4), ph=st.integers(0, 3),
+    pw=st.integers(0, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
+    offset=st.sampled_from([0.0, 3.0, 300.0]), block=st.sampled_from([1 << 22, 40]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_summed_gram_both_routes(N, C, O, H, W, kh, kw, ph, pw, dh, dw, offset, block, seed):
+    """The damage form of a linear follower, ``G = sum_{t,u} (W^T W o Sigma)`` collapsed over
+    the taps, from the pair blocks (the im2col route) and from the lagged products without the
+    pair blocks (the lag route, one or many sample blocks, dead taps, any padding and
+    dilation), against the float64 im2col Gram and the full ``W^T W``."""
+    ho, wo = H + 2 * ph - dh * (kh - 1), W + 2 * pw - dw * (kw - 1)
+    if ho < 1 or wo < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=gen) + offset
+    weight = torch.randn(O, C, kh, kw, generator=gen)
+    T = kh * kw
+    w = weight.reshape(O, C * T)
+    sigma = _im2col_gram_reference(x, kh, kw, (ph, pw), (dh, dw), centre=False)
+    ref = (sigma * (w.double().T @ w.double())).view(C, T, C, T).sum(dim=(1, 3))
+    # the terms' scale: what float32 products of this size can resolve
+    tol = 1e-5 * float((sigma.abs() * (w.double().T @ w.double()).abs()).sum())
+    geo = ((1, 1), (ph, pw), (dh, dw))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_moments, "_BLOCK", block)
+        for lagged in (False, True):
+            mp.setattr(_moments, "_gram_route",
+                       lambda C, T, P, lag, lagged=lagged: (0.0, 0.0, 0.0, lagged and lag is not None))
+            got = _moments._summed_pairs(x, weight, w, *geo)
+            assert got.dtype == torch.float64 and got.shape == (C, C)
+            assert float((got - ref).abs().max()) <= tol, (lagged, float((got - ref).abs().max()), tol)
 
 
 @pytest.mark.parametrize("norm,post", MOMENT_MODES)
@@ -337,9 +375,14 @@ def test_moments_shapes_and_both_routes(shape, norm, post, monkeypatch):
         x, w, masks, kw = rand_case(gen, K=K, norm=norm, **shape)
         args = dict(padding=shape["k"] // 2, norm=norm, post=post, **kw)
         ref = ops.masked_damage_reference(x, w, masks, **args)
-        for route in ("sigma", "z"):   # both ways to the moments, whatever the cost model says
+        # both ways to the moments, and the im2col Gram both ways (the lag route where the
+        # conv has stride 1), whatever the cost models say
+        for route, lagged in (("sigma", False), ("sigma", True), ("z", False)):
             monkeypatch.setattr(_moments, "_build_cost",
                                 lambda *a, route=route, **k: (0.0, route, 0.0, 0.0))
+            monkeypatch.setattr(_moments, "_gram_route",
+                                lambda C, T, P, lag, lagged=lagged: (0.0, 0.0, 0.0,
+                                                                     lagged and lag is not None))
             assert_damage_close(ops.masked_damage(x, w, masks, method="moments", **args), ref)
 
 
