@@ -497,28 +497,38 @@ def _lag_summed(x, weight, w, padding, dilation) -> torch.Tensor:
     dev = x.device
     wt = w.view(O, C, T).permute(2, 0, 1).contiguous()                  # (T, O, C)
     ml = torch.zeros(len(pl.lags), C, C, dtype=torch.float32, device=dev)
-    ms = torch.zeros(len(pl.strips), C, C, dtype=torch.float32, device=dev)
+    ms = torch.empty(len(pl.strips), C, C, dtype=torch.float32, device=dev)
     uses: dict[int, list[int]] = {}
     for k, s in zip(pl.strip_pair.tolist(), pl.strip_of.tolist()):
         uses.setdefault(k, []).append(s)
     buf = torch.empty(C, C, dtype=torch.float32, device=dev)
+    first = set(range(len(pl.strips)))          # strips not yet written (each has a use)
     for k, (t, u, li, dead) in enumerate(zip(pl.tt.tolist(), pl.uu.tolist(),
                                              pl.lag_index.tolist(), pl.dead.tolist())):
         if dead:
             continue
+        if k not in uses:
+            ml[li].addmm_(wt[t].t(), wt[u])                             # += W_t^T W_u
+            continue
         torch.mm(wt[t].t(), wt[u], out=buf)                             # M_p = W_t^T W_u
         ml[li] += buf
-        for s in uses.get(k, ()):
-            ms[s] += buf
+        for s in uses[k]:
+            if s in first:
+                ms[s].copy_(buf)
+                first.discard(s)
+            else:
+                ms[s] += buf
     zero = pl.lags.index((0, 0))
     strip_zero = [i for i, st in enumerate(pl.strips) if st[4:] == (0, 0)]
     half = torch.zeros(C, C, dtype=torch.float64, device=dev)
     diag = torch.zeros(C, C, dtype=torch.float64, device=dev)
+    # float32 sums of the 13 + 16 products: their rounding is far below the float32 GEMMs'
+    # own (sums of P products); float64 from there on
     for lam, strip_prods, _ in _lagged_products(x, (kh, kw), padding, dilation):
         hl = lam.mul_(ml)
         hs = strip_prods.mul_(ms)
-        half += hl.sum(dim=0, dtype=torch.float64) - hs.sum(dim=0, dtype=torch.float64)
-        diag += hl[zero].double() - hs[strip_zero].sum(dim=0, dtype=torch.float64)
+        half += hl.sum(dim=0) - hs.sum(dim=0)
+        diag += hl[zero] - hs[strip_zero].sum(dim=0)
     return half + (half - diag).t()
 
 
