@@ -26,6 +26,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // the function it is inlined into is compiled for).
 typedef float v16f __attribute__((vector_size(64)));
 
+// The first 64-byte boundary at or after p (a buffer allocated 16 floats longer holds its data
+// from there).
+inline float* align64(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
 AOFP_INLINE v16f load16(const float* p) {
   v16f v;
   std::memcpy(&v, p, sizeof(v));

@@ -73,7 +73,10 @@ AOFP_HOT void forms_item(const GramFormsParams& p, const SetLists& l, int64_t o0
   // row c of the tile, packed: buf[d * kOT + j] = grams[c, d, o0 + j] (C x kOT floats, 32 KB
   // at C = 256). Read in place, the rows d are O floats apart: at a power-of-two O they fall in
   // a few cache sets and evict each other, and every mask's sum ran at the L2's rate.
-  std::vector<float> buf(size_t(C * kOT), 0.f);
+  // 64-byte aligned: each row is whole 16-float vectors, and a vector load across two cache
+  // lines costs two (the allocator's 16-byte alignment split three rows in four)
+  std::vector<float> store(size_t(C * kOT + 16), 0.f);
+  float* const buf = align64(store.data());
   float facc[kOT];
   for (int64_t c = 0; c < C; ++c) {
     bool packed = false;
@@ -82,16 +85,16 @@ AOFP_HOT void forms_item(const GramFormsParams& p, const SetLists& l, int64_t o0
       if (i == l.start[size_t(k + 1)] || l.idx[size_t(i)] != c) continue;   // c not in set k
       if (!packed) {
         const float* src = p.grams + c * C * O + o0;
-        for (int64_t d = c; d < C; ++d) std::copy(src + d * O, src + d * O + n, &buf[d * kOT]);
+        for (int64_t d = c; d < C; ++d) std::copy(src + d * O, src + d * O + n, buf + d * kOT);
         packed = true;
       }
       // row c: its diagonal entry and twice the entries d > c of the set (the upper triangle)
       const int32_t* d = l.idx.data() + l.start[size_t(k)];
       const int64_t nd = l.start[size_t(k + 1)] - l.start[size_t(k)];
       const int64_t after = i + 1 - l.start[size_t(k)];
-      add_rows(buf.data(), d + after, nd - after, facc);
+      add_rows(buf, d + after, nd - after, facc);
       double* acc = dacc.data() + (k - k0) * kOT;
-      const float* diag = &buf[c * kOT];
+      const float* diag = buf + c * kOT;
       for (int64_t j = 0; j < n; ++j) acc[j] += 2.0 * double(facc[j]) + double(diag[j]);
       ++i;
     }
