@@ -106,10 +106,11 @@ def _shifted(x: torch.Tensor, idx: torch.Tensor, padding) -> torch.Tensor:
 
 
 class _Moments:
-    """The moments of one call: the Gram over the reduced channels (the varying ones, then the
-    gone channels' sum if any) ``(C', C', O)`` float32, ``g1`` ``(O, C')`` float64, ``S``
-    ``(O,)`` float64, and on demand (:meth:`with_kept`) the same with the kept channels' sum
-    appended."""
+    """The moments of one call over the reduced channels (the varying ones, then the gone
+    channels' sum if any; ``n`` of them): ``g1`` ``(O, n)`` float64 and ``S`` ``(O,)`` float64
+    for every output, the Grams ``(n, n, Oc)`` float32 per block of outputs (:meth:`blocks`,
+    streamed from :func:`aofp_ext._moments.per_output_grams`: never all ``n^2 O`` at once),
+    and on demand (:meth:`with_kept`) the kept channels' sum appended."""
 
     def __init__(self, x, weight, masks, stride, padding, dilation, output):
         self.x, self.weight, self.geo = x, weight, (stride, padding, dilation)
@@ -118,26 +119,30 @@ class _Moments:
         y = output if output is not None else self._conv(x, weight, padding)
         self.yc, self.S = _centred(y)
         V = self.varying
-        O, Cv = weight.shape[0], V.numel()
         self.xv, self.wv = xv, wv = self._inputs(V)
-        n = Cv + (self.gone.numel() > 0)        # every entry is written below
-        blocks = list(_moments.per_output_grams(x.index_select(1, V), wv, *self.geo))
-        if n == Cv and len(blocks) == 1 and blocks[0][2].dtype == torch.float32:
-            gram = blocks[0][2]                   # (Cv, Cv, O) already: no copy
-        else:
-            gram = torch.empty(n, n, O, dtype=torch.float32, device=x.device)
-            for o0, o1, g in blocks:
-                gram[:Cv, :Cv, o0:o1] = g
+        self.n = V.numel() + (self.gone.numel() > 0)
         g1 = [self._cross(xv, wv, self.yc)]                        # (O, Cv)
-        self.zg = None
+        self.zg = self.gone_col = None
         if self.gone.numel():
-            self.zg, zz = _centred(self._conv(*self._inputs(self.gone), 0))
-            gram[:Cv, Cv] = gram[Cv, :Cv] = self._cross(xv, wv, self.zg).t().float()
-            gram[Cv, Cv] = zz.float()
+            self.zg, self.zz = _centred(self._conv(*self._inputs(self.gone), 0))
+            self.gone_col = self._cross(xv, wv, self.zg).float()   # (O, Cv)
             g1.append(self._dot(self.zg, self.yc)[:, None])
-        self.gram, self.g1 = gram, torch.cat(g1, dim=1)
+        self.g1 = torch.cat(g1, dim=1)
         self._kept = None
 
+    def blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(o0, o1, gram)``: the Gram ``(n, n, o1 - o0)`` float32 of a block of outputs."""
+        V, Cv, n = self.varying, self.varying.numel(), self.n
+        for o0, o1, g in _moments.per_output_grams(self.x.index_select(1, V), self.wv,
+                                                   *self.geo):
+            if n == Cv:
+                yield o0, o1, g.float()
+                continue
+            gram = torch.empty(n, n, o1 - o0, dtype=torch.float32, device=g.device)
+            gram[:Cv, :Cv] = g
+            gram[:Cv, Cv] = gram[Cv, :Cv] = self.gone_col[o0:o1].t()
+            gram[Cv, Cv] = self.zz[o0:o1].float()
+            yield o0, o1, gram
     def _inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _shifted(self.x, idx, self.geo[1]), self.weight.index_select(1, idx)
 
@@ -159,22 +164,36 @@ class _Moments:
     def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a * b).sum(dim=_dims(a), dtype=torch.float64)
 
-    def with_kept(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Gram and ``g1`` with the kept channels' sum appended (formed once)."""
+    def with_kept(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The kept channels' sum, formed once: its products with the reduced channels
+        ``(O, n)`` float32 and with itself ``(O,)`` float32 (None when no kept channel is
+        live), and ``g1`` with its column appended ``(O, n + 1)``."""
         if self._kept is None:
-            gram, g1 = self.gram, self.g1
+            col, g1 = None, self.g1
             kept = _live(self.x, self.weight, self.kept)
             if kept.numel():
                 zk, kk = _centred(self._conv(*self._inputs(kept), 0))
                 cross = [self._cross(self.xv, self.wv, zk)]
                 if self.zg is not None:
                     cross.append(self._dot(self.zg, zk)[:, None])
-                col = torch.cat(cross, dim=1).t().float()                  # (C', O)
-                gram = torch.cat([torch.cat([gram, col[:, None]], dim=1),
-                                  torch.cat([col, kk[None].float()], dim=0)[None]], dim=0)
+                col = (torch.cat(cross, dim=1).float(), kk.float())
                 g1 = torch.cat([g1, self._dot(zk, self.yc)[:, None]], dim=1)
-            self._kept = gram, g1
+            self._kept = col, g1
         return self._kept
+
+    def kept_gram(self, o0: int, o1: int, gram: torch.Tensor) -> torch.Tensor:
+        """A block's Gram with the kept channels' sum appended ``(n + 1, n + 1, Oc)`` (or as it
+        is, when no kept channel is live)."""
+        col = self.with_kept()[0]
+        if col is None:
+            return gram
+        cross, kk = col
+        n = self.n
+        out = torch.empty(n + 1, n + 1, o1 - o0, dtype=torch.float32, device=gram.device)
+        out[:n, :n] = gram
+        out[:n, n] = out[n, :n] = cross[o0:o1].t()
+        out[n, n] = kk[o0:o1]
+        return out
 
 
 def batch_forms(x, weight, masks, stride, padding, dilation, output=None
@@ -183,15 +202,13 @@ def batch_forms(x, weight, masks, stride, padding, dilation, output=None
     docstring): the same ``(S, A, B, XB, UV)`` per block of masks and output channels."""
     masks = masks.to(device=x.device, dtype=torch.bool)
     m = _Moments(x, weight, masks, stride, padding, dilation, output)
-    K, O = masks.shape[0], weight.shape[0]
-    Cv, n = m.varying.numel(), m.gram.shape[0]
+    K = masks.shape[0]
+    Cv, n = m.varying.numel(), m.n
     removed = torch.ones(K, n, dtype=torch.bool, device=x.device)
     removed[:, :Cv] = ~masks.index_select(1, m.varying)
     all_drop = ~masks.any(dim=1)
-    ob = max(1, min(O, _moments._BLOCK // max(1, n * n)))
-    for o0 in range(0, O, ob):
-        o1 = min(O, o0 + ob)
-        g, g1, S = m.gram[:, :, o0:o1].contiguous(), m.g1[o0:o1].t(), m.S[o0:o1]
+    for o0, o1, g in m.blocks():
+        g1, S = m.g1[o0:o1].t(), m.S[o0:o1]
         kb = _moments._form_block(K, o1 - o0, n)
         for k0 in range(0, K, kb):
             k1 = min(K, k0 + kb)
@@ -202,12 +219,12 @@ def batch_forms(x, weight, masks, stride, padding, dilation, output=None
             risky = ((A < _RISKY * (S + 2 * X.abs() + B)).any(dim=1)
                      & ~all_drop[k0:k1]).nonzero()[:, 0]
             if risky.numel():
-                gk, g1k = m.with_kept()
+                gk, g1k = m.kept_gram(o0, o1, g), m.with_kept()[1]
                 keep = torch.zeros(risky.numel(), gk.shape[0], dtype=torch.bool,
                                    device=x.device)
                 keep[:, :Cv] = masks[k0:k1].index_select(1, m.varying)[risky]
                 keep[:, n:] = True
-                A[risky] = _moments.gram_forms_of(gk[:, :, o0:o1].contiguous(), keep)
+                A[risky] = _moments.gram_forms_of(gk, keep)
                 UV[risky] = keep.double() @ g1k[o0:o1].t()
             A = torch.where(all_drop[k0:k1, None], torch.zeros_like(A), A.clamp_min(0.0))
             yield _BatchForms(o0, o1, k0, k1, S, A, B, X, UV)

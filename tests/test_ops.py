@@ -555,19 +555,22 @@ def test_varying_linear_1x1_blocks_and_k1(post, monkeypatch):
 
 @pytest.mark.parametrize("post", ["none", "relu"])
 @pytest.mark.parametrize("linear", [False, True])
-def test_varying_when_the_kept_part_carries_no_variance(linear, post, monkeypatch):
+@pytest.mark.parametrize("O,block", [(4, 1 << 22), (70, 300)])
+def test_varying_when_the_kept_part_carries_no_variance(linear, post, O, block, monkeypatch):
     """Masks that remove the channel carrying nearly all the variance leave the kept part's
     variance as a difference of nearly equal terms from three different products; the kept
     channels' sum is then formed once and those masks' kept forms are taken directly (without
-    it the damage misses the float64 reference by up to 2e-3 here)."""
+    it the damage misses the float64 reference by up to 2e-3 here). 70 outputs with small
+    blocks: the Grams come in several blocks of outputs, each with the kept column appended."""
     monkeypatch.setattr(_varying, "FORCE", True)
+    monkeypatch.setattr(_moments, "_BLOCK", block)
     formed = []
     with_kept = _varying._Moments.with_kept
     monkeypatch.setattr(_varying._Moments, "with_kept",
                         lambda self: formed.append(1) or with_kept(self))
     gen = torch.Generator().manual_seed(43)
     C = 8
-    x, w, _, kw = rand_case(gen, N=64, C=C, O=4, H=5, K=1, norm="batch", linear=linear)
+    x, w, _, kw = rand_case(gen, N=64, C=C, O=O, H=5, K=1, norm="batch", linear=linear)
     x = x.clone()
     x[:, 0] *= 100.0                                  # varying: carries nearly everything
     x[:, 1] = 1e-3 * x[:, 0] + 1e-5 * x[:, 1]          # varying: nearly a small copy of it
