@@ -493,7 +493,18 @@ def write_moments(path: str, rows: list[dict], cmd: str, took: float, load0: str
     """Replace (or append) the moments section of ``path``, keeping the rest of the file."""
     marker = "## The moments path"
     old = open(path).read() if os.path.exists(path) else "# Kernel benchmark\n"
-    head = old.split(marker)[0].rstrip() + "\n\n"
+    # that section alone, where it is a heading of its own (not "### The moments path ..."
+    # under another section); the rest of the file is kept on both sides
+    lines_old = old.split("\n")
+    at = next((i for i, ln in enumerate(lines_old) if ln.strip() == marker), None)
+    if at is None:
+        head, tail = old.rstrip() + "\n\n", ""
+    else:
+        end = next((i for i in range(at + 1, len(lines_old))
+                    if lines_old[i].startswith("## ")), len(lines_old))
+        head = "\n".join(lines_old[:at]).rstrip() + "\n\n"
+        tail = "\n".join(lines_old[end:])
+        tail = "\n" + tail if tail else ""
     lines = [
         marker, "",
         f"- date: {datetime.date.today().isoformat()}",
@@ -507,7 +518,7 @@ def write_moments(path: str, rows: list[dict], cmd: str, took: float, load0: str
         "filters; every figure was checked against the loop on the same masks (relative error <= 1e-3) before timing.",
         "", moments_header()] + [format_moments_row(r) for r in rows]
     with open(path, "w") as f:
-        f.write(head + "\n".join(lines) + "\n")
+        f.write(head + "\n".join(lines) + "\n" + tail)
 
 
 def moments_main(args, argv) -> int:
