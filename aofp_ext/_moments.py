@@ -761,8 +761,9 @@ def _summed_pairs(x, weight, w, stride, padding, dilation) -> torch.Tensor:
     for k, (t, u) in enumerate(zip(tt, uu)):
         torch.mm(wt[t].t(), wt[u], out=m[k])
     prod = blk * m
-    diag = torch.tensor([t == u for t, u in zip(tt, uu)], device=x.device)
-    off = prod[~diag].sum(dim=0, dtype=torch.float64)
+    # index lists, not a boolean mask (its nonzero has no static shape for fake tensors)
+    diag = [k for k, (t, u) in enumerate(zip(tt, uu)) if t == u]
+    off = prod[[k for k in range(len(tt)) if tt[k] != uu[k]]].sum(dim=0, dtype=torch.float64)
     return prod[diag].sum(dim=0, dtype=torch.float64) + off + off.t()
 
 
