@@ -143,6 +143,7 @@ class _Moments:
             gram[:Cv, Cv] = gram[Cv, :Cv] = self.gone_col[o0:o1].t()
             gram[Cv, Cv] = self.zz[o0:o1].float()
             yield o0, o1, gram
+
     def _inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _shifted(self.x, idx, self.geo[1]), self.weight.index_select(1, idx)
 
@@ -164,10 +165,11 @@ class _Moments:
     def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a * b).sum(dim=_dims(a), dtype=torch.float64)
 
-    def with_kept(self) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The kept channels' sum, formed once: its products with the reduced channels
-        ``(O, n)`` float32 and with itself ``(O,)`` float32 (None when no kept channel is
-        live), and ``g1`` with its column appended ``(O, n + 1)``."""
+    def with_kept(self) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+        """The kept channels' sum, formed once: ``((cross, kk), g1)``, its products with the
+        reduced channels ``cross`` ``(O, n)`` float32 and with itself ``kk`` ``(O,)`` float32
+        (None instead of the pair when no kept channel is live), and ``g1`` with its column
+        appended ``(O, n + 1)`` (``(O, n)`` then)."""
         if self._kept is None:
             col, g1 = None, self.g1
             kept = _live(self.x, self.weight, self.kept)
