@@ -137,12 +137,8 @@ class _Moments:
                                                    *self.geo):
             if n == Cv:
                 yield o0, o1, g.float()
-                continue
-            gram = torch.empty(n, n, o1 - o0, dtype=torch.float32, device=g.device)
-            gram[:Cv, :Cv] = g
-            gram[:Cv, Cv] = gram[Cv, :Cv] = self.gone_col[o0:o1].t()
-            gram[Cv, Cv] = self.zz[o0:o1].float()
-            yield o0, o1, gram
+            else:
+                yield o0, o1, _bordered(g, self.gone_col[o0:o1], self.zz[o0:o1])
 
     def _inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _shifted(self.x, idx, self.geo[1]), self.weight.index_select(1, idx)
@@ -190,12 +186,18 @@ class _Moments:
         if col is None:
             return gram
         cross, kk = col
-        n = self.n
-        out = torch.empty(n + 1, n + 1, o1 - o0, dtype=torch.float32, device=gram.device)
-        out[:n, :n] = gram
-        out[:n, n] = out[n, :n] = cross[o0:o1].t()
-        out[n, n] = kk[o0:o1]
-        return out
+        return _bordered(gram, cross[o0:o1], kk[o0:o1])
+
+
+def _bordered(gram: torch.Tensor, col: torch.Tensor, corner: torch.Tensor) -> torch.Tensor:
+    """``(n + 1, n + 1, Oc)`` float32: the Grams ``gram`` ``(n, n, Oc)`` with one more channel,
+    its products with the others ``col`` ``(Oc, n)`` and with itself ``corner`` ``(Oc,)``."""
+    n = gram.shape[0]
+    out = torch.empty(n + 1, n + 1, gram.shape[2], dtype=torch.float32, device=gram.device)
+    out[:n, :n] = gram
+    out[:n, n] = out[n, :n] = col.t()
+    out[n, n] = corner
+    return out
 
 
 def batch_forms(x, weight, masks, stride, padding, dilation, output=None
@@ -212,6 +214,7 @@ def batch_forms(x, weight, masks, stride, padding, dilation, output=None
     for o0, o1, g in m.blocks():
         g1, S = m.g1[o0:o1].t(), m.S[o0:o1]
         kb = _moments._form_block(K, o1 - o0, n)
+        gk = None                  # the block's Gram with the kept column, formed at most once
         for k0 in range(0, K, kb):
             k1 = min(K, k0 + kb)
             r = removed[k0:k1]
@@ -221,7 +224,9 @@ def batch_forms(x, weight, masks, stride, padding, dilation, output=None
             risky = ((A < _RISKY * (S + 2 * X.abs() + B)).any(dim=1)
                      & ~all_drop[k0:k1]).nonzero()[:, 0]
             if risky.numel():
-                gk, g1k = m.kept_gram(o0, o1, g), m.with_kept()[1]
+                if gk is None:
+                    gk = m.kept_gram(o0, o1, g)
+                g1k = m.with_kept()[1]
                 keep = torch.zeros(risky.numel(), gk.shape[0], dtype=torch.bool,
                                    device=x.device)
                 keep[:, :Cv] = masks[k0:k1].index_select(1, m.varying)[risky]
