@@ -763,8 +763,9 @@ def _summed_pairs(x, weight, w, stride, padding, dilation) -> torch.Tensor:
     prod = blk * m
     # index lists, not a boolean mask (its nonzero has no static shape for fake tensors)
     diag = [k for k, (t, u) in enumerate(zip(tt, uu)) if t == u]
-    off = prod[[k for k in range(len(tt)) if tt[k] != uu[k]]].sum(dim=0, dtype=torch.float64)
-    return prod[diag].sum(dim=0, dtype=torch.float64) + off + off.t()
+    off = [k for k, (t, u) in enumerate(zip(tt, uu)) if t != u]
+    off_sum = prod[off].sum(dim=0, dtype=torch.float64)
+    return prod[diag].sum(dim=0, dtype=torch.float64) + off_sum + off_sum.t()
 
 
 # --------------------------------------------------------------------------------------------

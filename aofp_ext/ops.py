@@ -569,18 +569,19 @@ def output_grams_reference(blocks, weight, dtype=torch.float64):
     mirror."""
     O, C = weight.shape[:2]
     w = weight.to(dtype).reshape(O, C, -1)
-    g = torch.einsum("oct,tucd,odu->cdo", w, blocks.to(dtype), w)
-    upper = torch.ones(C, C, dtype=torch.bool, device=g.device).triu()[:, :, None]
-    return torch.where(upper, g, g.transpose(0, 1))
+    return _mirror_upper(torch.einsum("oct,tucd,odu->cdo", w, blocks.to(dtype), w))
 
 
 def gram_forms_reference(grams, masks, dtype=torch.float64):
     """By ``einsum`` over the Grams' upper triangle and its mirror, in ``dtype``."""
     m = masks.to(torch.bool).to(dtype)
-    g = grams.to(dtype)
+    return torch.einsum("kc,cdo,kd->ko", m, _mirror_upper(grams.to(dtype)), m)
+
+
+def _mirror_upper(g: torch.Tensor) -> torch.Tensor:
+    """``(C, C, O)`` with the entries ``c > d`` replaced by the mirror of ``c < d``."""
     upper = torch.ones(g.shape[:2], dtype=torch.bool, device=g.device).triu()[:, :, None]
-    g = torch.where(upper, g, g.transpose(0, 1))
-    return torch.einsum("kc,cdo,kd->ko", m, g, m)
+    return torch.where(upper, g, g.transpose(0, 1))
 
 
 def compact_reference_(tensors, dims, keep) -> None:
