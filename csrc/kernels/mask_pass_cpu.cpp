@@ -240,6 +240,7 @@ AOFP_INLINE void tile_contributions(const Ctx& cx, int64_t o0, int64_t j0, float
   const MaskPlan& mp = *cx.mp;
   const int64_t KK = cx.p->g.taps(), ld = cx.ld, Cu = int64_t(mp.used.size());
   const float* __restrict wp = cx.wp + o0 * Cu * KK;
+  const bool sum_y = !cx.p->y;     // given, y is read below and not summed
   for (int u = 0; u < kOutBlock; ++u) y[u][0] = y[u][1] = gone[u][0] = gone[u][1] = v16f{};
   for (int64_t i = 0; i < Cu; ++i) {
     const int64_t c = mp.used[size_t(i)];
@@ -254,9 +255,11 @@ AOFP_INLINE void tile_contributions(const Ctx& cx, int64_t o0, int64_t j0, float
         acc[u][1] += wv * x1;
       }
     }
-    for (int u = 0; u < kOutBlock; ++u) {
-      y[u][0] += acc[u][0];
-      y[u][1] += acc[u][1];
+    if (sum_y) {
+      for (int u = 0; u < kOutBlock; ++u) {
+        y[u][0] += acc[u][0];
+        y[u][1] += acc[u][1];
+      }
     }
     const int8_t role = mp.role[size_t(c)];
     if (role == 1) {
